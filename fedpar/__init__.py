@@ -1,0 +1,77 @@
+"""fedpar: parallel computing for Python on many cores and many machines.
+
+    import fedpar
+
+    with fedpar.Cluster(n=4) as client:
+        view = client.load_balanced_view()
+        print(view.map_sync(pow, range(10), [2] * 10))
+
+See README.md and docs/guide.md.
+"""
+
+from fedpar.client import Client
+from fedpar.cluster import Cluster
+from fedpar.config import Config, load_config
+from fedpar.engine import Reference
+from fedpar.errors import (
+    ClusterError,
+    CompositeError,
+    ConfigError,
+    ConnectionFileError,
+    ControllerUnavailable,
+    EngineError,
+    FedparError,
+    MalformedMessage,
+    NoEnginesError,
+    ProtocolError,
+    RemoteError,
+    ReplayError,
+    ResultNotFound,
+    SignatureError,
+    StoreError,
+    StoreFull,
+    TaskAborted,
+    TaskError,
+    TimeoutError,
+    TransportError,
+    UnknownEngineError,
+)
+from fedpar.executor import FedparExecutor
+from fedpar.results import AsyncResult
+from fedpar.views import DirectView, LoadBalancedView
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncResult",
+    "Client",
+    "Cluster",
+    "ClusterError",
+    "CompositeError",
+    "Config",
+    "ConfigError",
+    "ConnectionFileError",
+    "ControllerUnavailable",
+    "DirectView",
+    "EngineError",
+    "FedparError",
+    "FedparExecutor",
+    "LoadBalancedView",
+    "MalformedMessage",
+    "NoEnginesError",
+    "ProtocolError",
+    "Reference",
+    "RemoteError",
+    "ReplayError",
+    "ResultNotFound",
+    "SignatureError",
+    "StoreError",
+    "StoreFull",
+    "TaskAborted",
+    "TaskError",
+    "TimeoutError",
+    "TransportError",
+    "UnknownEngineError",
+    "__version__",
+    "load_config",
+]

@@ -1,0 +1,91 @@
+"""The housekeeper: a pykka actor for the controller's periodic chores, kept off the hot path.
+
+Every tick it flushes the store to disk (``env.sync``, which may take milliseconds and so must not run on
+the gateway thread), asks the gateway to persist replay marks, purges results past the retention
+period (the deletion itself is written by the journal, the store's only writer), and stops the
+controller when the process that started it has died (no stray controllers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import pykka
+
+from fedpar.actors.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+TICK = "tick"
+
+
+class Housekeeper(pykka.ThreadingActor):  # type: ignore[misc]
+    """Periodic store sync, replay-mark persistence, retention and parent watch."""
+
+    def __init__(self, gateway: Gateway, *, interval: float = 1.0, retention: float = 0.0,
+                 parent_pid: int | None = None):
+        super().__init__()
+        self.gateway = gateway
+        self.interval = interval
+        self.retention = retention
+        self.parent_pid = parent_pid
+        self._timer: threading.Timer | None = None
+        self._last_purge = 0.0
+
+    def on_start(self) -> None:
+        self._schedule()
+
+    def on_stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def on_failure(self, *exc_info: Any) -> None:
+        log.error("housekeeper failed", exc_info=exc_info)  # noqa: LOG014
+
+    def _schedule(self) -> None:
+        self._timer = threading.Timer(self.interval, self._tick_later)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _tick_later(self) -> None:
+        try:
+            self.actor_ref.tell(TICK)
+        except pykka.ActorDeadError:
+            pass
+
+    def on_receive(self, message: Any) -> Any:
+        if message != TICK:
+            return None
+        try:
+            self.tick(time.time())
+        finally:
+            self._schedule()
+        return None
+
+    def tick(self, now: float) -> None:
+        gw = self.gateway
+        gw.call_soon(gw.persist_marks)
+        gw.journal.store.sync()
+        if self.retention > 0 and now - self._last_purge >= 60 * self.interval:
+            self._last_purge = now
+            old = gw.journal.store.completed_before(now - self.retention, limit=10_000)
+            if old:
+                log.info("purging %d results older than %.0fs", len(old), self.retention)
+                gw.call_soon(lambda: gw.journal.delete_results(old))
+        if self.parent_pid is not None and not _alive(self.parent_pid):
+            log.warning("parent process %d is gone; stopping the controller", self.parent_pid)
+            gw.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,99 @@
+"""The journal: the controller's only writer to its LMDB store, one transaction per loop pass.
+
+The gateway records what happened during one pass of its loop (tasks accepted, assigned, finished,
+engines registered) and calls ``commit`` once at the end; only then does it acknowledge submissions,
+forward results and dispatch tasks. So a client never hears of anything the store does not hold.
+
+Results and state changes are committed before new submissions: when the store is full, the
+submissions of that pass are refused with ``StoreFull`` while the results already computed still land
+(and if even they cannot, they are still delivered, flagged in the log as not stored).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fedpar.errors import StoreError, StoreFull
+from fedpar.protocol import ResultSpec
+from fedpar.scheduler import Task
+from fedpar.store.lmdb_store import LmdbStore
+from fedpar.store.records import ASSIGNED, DONE, FAILED, QUEUED, EngineRecord, ResultRecord, TaskRecord
+
+log = logging.getLogger(__name__)
+
+
+def task_record(task: Task, state: str, completed: float | None = None) -> TaskRecord:
+    return TaskRecord(
+        task.task_id, task.client, task.op, task.target, state, task.engine, task.submitted,
+        task.assigned, completed, task.attempts, task.retries, task.spec,
+    )
+
+
+class Journal:
+    """Batches store writes for one pass of the gateway loop."""
+
+    def __init__(self, store: LmdbStore):
+        self.store = store
+        self._state = store.batch()
+        self._submits = store.batch()
+        self._submitted: list[Task] = []
+        self.unstored_results = 0  # results delivered although the store refused them
+
+    def task_queued(self, task: Task) -> None:
+        self._submits.put_task(task_record(task, QUEUED))
+        self._submits.put_inputs(task.task_id, task.frames or ())
+        self._submitted.append(task)
+
+    def task_assigned(self, task: Task) -> None:
+        self._state.put_task(task_record(task, ASSIGNED))
+
+    def task_requeued(self, task: Task) -> None:
+        self._state.put_task(task_record(task, QUEUED))
+
+    def task_finished(self, task: Task, res: ResultSpec, frames: Sequence[Any]) -> None:
+        rec = ResultRecord(
+            res.task_id, res.ok, res.engine, res.started, res.completed,
+            tuple(res.error) if res.error is not None else None,
+            tuple(memoryview(f).nbytes for f in frames),
+        )
+        self._state.put_result(rec, frames)
+        self._state.put_task(task_record(task, DONE if res.ok else FAILED, res.completed))
+
+    def engine(self, rec: EngineRecord) -> None:
+        self._state.put_engine(rec)
+
+    def mark(self, sender: str, seq: int) -> None:
+        self._state.put_mark(sender, seq)
+
+    def delete_results(self, task_ids: Sequence[str]) -> None:
+        self._state.delete_results(task_ids)
+
+    @property
+    def pending(self) -> bool:
+        """True when writes wait for the next commit."""
+        return bool(self._state or self._submits)
+
+    def commit(self) -> tuple[list[Task], str]:
+        """Commit the pass. Returns the submissions refused (and why); empty when all landed."""
+        state, submits, submitted = self._state, self._submits, self._submitted
+        self._state = self.store.batch()
+        self._submits = self.store.batch()
+        self._submitted = []
+        if state:
+            try:
+                self.store.commit(state)
+            except StoreError as exc:
+                # Results are delivered anyway: losing a computed result is worse than not storing it.
+                self.unstored_results += 1
+                log.error("store refused results and state changes (%s); delivering them unstored", exc)
+        if submits:
+            try:
+                self.store.commit(submits)
+            except StoreFull as exc:
+                return submitted, str(exc)
+            except StoreError as exc:
+                log.error("store refused %d submissions: %s", len(submitted), exc)
+                return submitted, str(exc)
+        return [], ""

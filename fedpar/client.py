@@ -1,0 +1,394 @@
+"""``Client``: the user's connection to a cluster. One background I/O thread owns its socket.
+
+User threads never touch the socket: they queue outgoing messages and wake the I/O thread, which
+coalesces queued task submissions into one ``Submit`` batch, signs, sends, and hands results to the
+waiting ``AsyncResult`` objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from fedpar.codec import Codec, Received
+from fedpar.errors import (
+    ControllerUnavailable,
+    FedparError,
+    ProtocolError,
+    ResultNotFound,
+    TimeoutError,
+    UnknownEngineError,
+)
+from fedpar.protocol import (
+    ClientHello,
+    EngineEvent,
+    ErrorReply,
+    GetResults,
+    Message,
+    Results,
+    Shutdown,
+    ShutdownReply,
+    StatusReply,
+    StatusRequest,
+    Submit,
+    SubmitReply,
+    TaskSpec,
+    Welcome,
+)
+from fedpar.results import AsyncResult, as_list, first
+from fedpar.runtime import ConnectionInfo, read_connection_file
+from fedpar.transport import Waker, connect_dealer
+
+if TYPE_CHECKING:
+    from fedpar.executor import FedparExecutor
+    from fedpar.views import DirectView, LoadBalancedView
+
+log = logging.getLogger(__name__)
+
+SUBMIT_BATCH = 4096  # most tasks coalesced into one Submit message
+SUBMIT_BATCH_BYTES = 8 << 20
+
+
+def _nbytes(frames: Sequence[Any]) -> int:
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+class _IOThread(threading.Thread):
+    """Owns the DEALER socket: sends queued messages, receives and dispatches replies."""
+
+    def __init__(self, client: Client, sock: zmq.Socket[Any], codec: Codec):
+        super().__init__(name="fedpar-client-io", daemon=True)
+        self.client = client
+        self.sock = sock
+        self.codec = codec
+        self.waker = Waker()
+        self.outbox: deque[tuple[Message | TaskSpec, list[Any], Future[Received] | None]] = deque()
+        self.replies: dict[int, Future[Received]] = {}
+        self.running = True
+
+    def queue(self, item: Message | TaskSpec, frames: list[Any], reply: Future[Received] | None = None) -> None:
+        self.outbox.append((item, frames, reply))
+        self.waker.wake()
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.waker.fileno(), zmq.POLLIN)
+        try:
+            while self.running:
+                ready = dict(poller.poll(1000))
+                if self.waker.fileno() in ready:
+                    self.waker.drain()
+                    self._flush()
+                if self.sock in ready:
+                    for _ in range(1024):
+                        try:
+                            parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_message(parts)
+        except Exception:  # pragma: no cover - a bug here must not hang the user silently
+            log.exception("client I/O thread failed")
+            self.client._fail_all(ControllerUnavailable("the client's I/O thread failed; see the log"))
+        finally:
+            self.sock.close(0)
+            self.waker.close()
+
+    def _flush(self) -> None:
+        out = self.outbox
+        while out:
+            item, frames, reply = out.popleft()
+            if isinstance(item, TaskSpec):
+                specs, allframes = [item], list(frames)
+                size = _nbytes(frames)
+                while out and isinstance(out[0][0], TaskSpec) and len(specs) < SUBMIT_BATCH and size < SUBMIT_BATCH_BYTES:
+                    nxt, nframes, _ = out.popleft()
+                    specs.append(nxt)  # type: ignore[arg-type]
+                    allframes.extend(nframes)
+                    size += _nbytes(nframes)
+                self._send(Submit(specs), allframes, None)
+            else:
+                self._send(item, frames, reply)
+
+    def _send(self, msg: Message, frames: list[Any], reply: Future[Received] | None) -> None:
+        parts, rid = self.codec.encode(msg, frames)
+        if reply is not None:
+            self.replies[rid] = reply
+        self.sock.send_multipart(parts, copy=False)
+
+    def _on_message(self, parts: list[Any]) -> None:
+        try:
+            rx = self.codec.decode(parts)
+        except ProtocolError as exc:
+            log.warning("dropped a bad message from the controller: %s", exc)
+            return
+        msg = rx.msg
+        if isinstance(msg, Results):
+            self.client._on_results(msg, rx.frames)
+            fut = self.replies.pop(msg.reply_to, None) if msg.reply_to else None
+            if fut is not None:
+                fut.set_result(rx)
+        elif isinstance(msg, SubmitReply):
+            if msg.rejected:
+                self.client._on_rejected(msg.rejected)
+        elif isinstance(msg, EngineEvent):
+            self.client._on_engine_event(msg.registered, msg.unregistered)
+        else:
+            rid = getattr(msg, "reply_to", None)
+            fut = self.replies.pop(rid, None) if isinstance(rid, int) else None
+            if fut is not None:
+                fut.set_result(rx)
+
+
+class Client:
+    """Connection to a running cluster.
+
+    ``Client()`` reads the connection file of the default cluster; pass ``connection_file=`` (a path or
+    a cluster id) for another. ``client.ids`` lists engine ids; ``client[:]``, ``client[0]`` and
+    ``client[[0, 2]]`` are ``DirectView``s; ``client.load_balanced_view()`` spreads work over engines.
+    """
+
+    def __init__(self, connection_file: str | os.PathLike[str] | ConnectionInfo | None = None, *,
+                 timeout: float = 10.0):
+        if isinstance(connection_file, ConnectionInfo):
+            self.info = connection_file
+        else:
+            path = Path(connection_file) if isinstance(connection_file, os.PathLike) else connection_file
+            self.info = read_connection_file(path)
+        self.sender = f"client:{secrets.token_hex(6)}"
+        self._task_prefix = self.sender[7:] + "-"
+        self._next_task = 0
+        self._id_lock = threading.Lock()
+        self._waiting: dict[str, list[tuple[AsyncResult, int]]] = {}
+        self._wlock = threading.Lock()
+        self._engines: set[int] = set()
+        self._engines_cond = threading.Condition()
+        self._closed = False
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        sock = connect_dealer(self._ctx, self.info.client_endpoint, self.sender.encode())
+        self._io = _IOThread(self, sock, Codec(self.info.key, self.sender))
+        self._io.start()
+        try:
+            welcome = self._request(ClientHello(self.sender), timeout)
+        except BaseException:
+            self.close()
+            raise
+        assert isinstance(welcome, Welcome)
+        self.controller_id = welcome.controller
+        self._on_engine_event(welcome.engines, [])
+
+    # ------------------------------------------------------------------ plumbing
+    def _request(self, msg: Message, timeout: float | None, frames: list[Any] | None = None) -> Message:
+        """Send a request and wait for its reply message."""
+        if self._closed:
+            raise FedparError("this client is closed")
+        fut: Future[Received] = Future()
+        self._io.queue(msg, frames or [], fut)
+        try:
+            rx = fut.result(timeout)
+        except FuturesTimeout:
+            raise ControllerUnavailable(
+                f"the controller at {self.info.client_endpoint} did not answer within {timeout}s: is it "
+                "running, and does the connection file belong to it (same cluster key)?"
+            ) from None
+        if isinstance(rx.msg, ErrorReply):
+            raise FedparError(f"{rx.msg.ename}: {rx.msg.evalue}")
+        return rx.msg
+
+    def _new_task_ids(self, n: int) -> list[str]:
+        with self._id_lock:
+            start = self._next_task
+            self._next_task += n
+        p = self._task_prefix
+        return [f"{p}{i}" for i in range(start, start + n)]
+
+    def _submit(self, items: Sequence[tuple[str, int | None, list[Any], dict[str, Any]]], *,
+                retries: int = 0, reduce: Any = first, chunked: bool = False, label: str = "") -> AsyncResult:
+        """Submit tasks ``(op, target, frames, spec)``; one AsyncResult covers them all."""
+        if self._closed:
+            raise FedparError("this client is closed")
+        ids = self._new_task_ids(len(items))
+        ar = AsyncResult(ids, reduce, chunked=chunked, label=label)
+        with self._wlock:
+            for i, tid in enumerate(ids):
+                self._waiting[tid] = [(ar, i)]
+        queue = self._io.queue
+        for tid, (op, target, frames, spec) in zip(ids, items, strict=True):
+            queue(TaskSpec(tid, op, target, len(frames), retries, spec), frames)
+        return ar
+
+    def _on_results(self, msg: Results, frames: list[Any]) -> None:
+        pos = 0
+        for spec in msg.results:
+            fr = frames[pos:pos + spec.nframes]
+            pos += spec.nframes
+            with self._wlock:
+                waiters = self._waiting.pop(spec.task_id, ())
+            for ar, i in waiters:
+                ar._deliver(i, spec, fr)
+        for tid in msg.missing:
+            with self._wlock:
+                waiters = self._waiting.pop(tid, ())
+            for ar, i in waiters:
+                ar._fail(i, ResultNotFound(f"no task {tid!r} in the controller's store", task_id=tid))
+
+    def _on_rejected(self, rejected: list[list[str]]) -> None:
+        from fedpar import errors
+
+        for tid, ename, evalue in rejected:
+            with self._wlock:
+                waiters = self._waiting.pop(tid, ())
+            cls = getattr(errors, ename, None)
+            exc = cls(evalue, task_id=tid) if isinstance(cls, type) and issubclass(cls, errors.TaskError) else None
+            for ar, i in waiters:
+                if exc is not None:
+                    ar._fail(i, exc)
+                else:
+                    ar._fail(i, errors.TaskAborted(f"{ename}: {evalue}", task_id=tid))
+
+    def _on_engine_event(self, registered: Iterable[int], unregistered: Iterable[int]) -> None:
+        with self._engines_cond:
+            self._engines.update(registered)
+            self._engines.difference_update(unregistered)
+            self._engines_cond.notify_all()
+
+    def _fail_all(self, exc: FedparError) -> None:
+        with self._wlock:
+            waiting, self._waiting = self._waiting, {}
+        err = exc if isinstance(exc, ControllerUnavailable) else ControllerUnavailable(str(exc))
+        for waiters in waiting.values():
+            for ar, i in waiters:
+                ar._fail(i, err)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def ids(self) -> list[int]:
+        """Ids of the registered engines, sorted."""
+        with self._engines_cond:
+            return sorted(self._engines)
+
+    def wait_for_engines(self, n: int, timeout: float | None = 60.0) -> list[int]:
+        """Block until at least ``n`` engines are registered; returns their ids."""
+        with self._engines_cond:
+            if not self._engines_cond.wait_for(lambda: len(self._engines) >= n, timeout):
+                raise TimeoutError(f"{len(self._engines)} of {n} engines registered within {timeout}s")
+            return sorted(self._engines)
+
+    def __getitem__(self, key: int | slice | Sequence[int]) -> DirectView:
+        from fedpar.views import DirectView
+
+        if isinstance(key, int):
+            if key not in self.ids:
+                raise UnknownEngineError(f"engine {key} is not registered (registered: {self.ids})")
+            return DirectView(self, key)
+        if isinstance(key, slice):
+            if key == slice(None):
+                return DirectView(self, "all")
+            return DirectView(self, self.ids[key])
+        targets = list(key)
+        missing = [t for t in targets if t not in self.ids]
+        if missing:
+            raise UnknownEngineError(f"engines {missing} are not registered (registered: {self.ids})")
+        return DirectView(self, targets)
+
+    def direct_view(self, targets: int | Sequence[int] | str = "all") -> DirectView:
+        """A ``DirectView`` on ``targets`` (``"all"`` follows engines as they come and go)."""
+        from fedpar.views import DirectView
+
+        return DirectView(self, targets if isinstance(targets, (int, str)) else list(targets))
+
+    def load_balanced_view(self, targets: None = None, *, retries: int = 0) -> LoadBalancedView:
+        """A view that sends each task to whichever engine is free first."""
+        from fedpar.views import LoadBalancedView
+
+        return LoadBalancedView(self, retries=retries)
+
+    def executor(self, *, retries: int = 0) -> FedparExecutor:
+        """A ``concurrent.futures.Executor`` running on the load-balanced view."""
+        from fedpar.executor import FedparExecutor
+
+        return FedparExecutor(self.load_balanced_view(retries=retries))
+
+    def get_result(self, task_ids: str | Sequence[str], *, block: bool = False,
+                   timeout: float | None = None) -> Any:
+        """Results by task id, served from the controller's store (also long after completion).
+
+        One id gives that task's value; a list gives a list. Unknown ids raise ``ResultNotFound``.
+        """
+        single = isinstance(task_ids, str)
+        ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
+        ar = AsyncResult(ids, first if single else as_list, label="get_result")
+        with self._wlock:
+            for i, tid in enumerate(ids):
+                self._waiting.setdefault(tid, []).append((ar, i))
+        self._io.queue(GetResults(ids), [])
+        return ar.get(timeout) if block else ar
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Controller status: engines (with load), queued, in-flight, done and failed task counts."""
+        reply = self._request(StatusRequest(), timeout)
+        assert isinstance(reply, StatusReply)
+        return {
+            "controller": reply.controller, "epoch": reply.epoch, "engines": reply.engines,
+            "queued": reply.queued, "in_flight": reply.in_flight, "done": reply.done,
+            "failed": reply.failed, **reply.stats,
+        }
+
+    queue_status = status
+
+    def wait(self, jobs: Iterable[AsyncResult] | None = None, timeout: float | None = None) -> bool:
+        """Wait for ``jobs`` (default: everything this client is still waiting for). True if all done."""
+        if jobs is None:
+            with self._wlock:
+                jobs = {ar for ws in self._waiting.values() for ar, _ in ws}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for ar in jobs:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not ar.wait(left):
+                return False
+        return True
+
+    @property
+    def outstanding(self) -> set[str]:
+        """Ids of tasks this client still waits for."""
+        with self._wlock:
+            return set(self._waiting)
+
+    def shutdown(self, *, engines_only: bool = False, timeout: float = 10.0) -> list[int]:
+        """Stop the cluster's engines and (unless ``engines_only``) its controller."""
+        reply = self._request(Shutdown(engines_only), timeout)
+        assert isinstance(reply, ShutdownReply)
+        if not engines_only:
+            self.close()
+        return reply.engines
+
+    def close(self) -> None:
+        """Disconnect. Pending results are failed with ``ControllerUnavailable``."""
+        if self._closed:
+            return
+        self._closed = True
+        self._io.running = False
+        self._io.waker.wake()
+        self._io.join(5)
+        self._fail_all(ControllerUnavailable("the client was closed before the result arrived"))
+        self._ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<fedpar.Client {self.info.cluster_id} engines={self.ids}>"

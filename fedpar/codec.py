@@ -1,0 +1,140 @@
+"""Bytes <-> messages: ``[b"", MAC, HEADER, *PAYLOAD]`` with the MAC checked before anything is decoded.
+
+One ``Codec`` per socket owner (it holds that sender's sequence counter and the replay guard for what it
+receives). Payload frames pass through untouched: the codec never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from fedpar.errors import MalformedMessage
+from fedpar.protocol import (
+    ENVELOPE_KEYS,
+    PROTOCOL_VERSION,
+    Message,
+    message_from_header,
+    payload_frame_count,
+)
+from fedpar.signing import MAC_BYTES, Buffer, ReplayGuard, Signer
+
+MAX_HEADER_BYTES = 4 << 20
+MAX_PARTS = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The envelope fields of a received message."""
+
+    kind: str
+    id: int
+    sender: str
+    seq: int
+    ts: float
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A verified, decoded message: envelope, message object and its payload frames (untouched)."""
+
+    envelope: Envelope
+    msg: Message
+    frames: list[Any]
+
+
+def _buf(part: Any) -> Any:
+    """The buffer of a received part (``zmq.Frame`` or bytes)."""
+    return part.buffer if hasattr(part, "buffer") else part
+
+
+class Codec:
+    """Signs and sequences outgoing messages; verifies, replay-checks and decodes incoming ones."""
+
+    def __init__(
+        self,
+        cluster_key: bytes,
+        sender: str,
+        *,
+        epoch: int = 0,
+        replay_window: float = 300.0,
+        marks: dict[str, int] | None = None,
+    ):
+        self.signer = Signer(cluster_key)
+        self.sender = sender
+        self.epoch = epoch
+        self.guard = ReplayGuard(replay_window, marks)
+        self._seq = itertools.count(1)
+        self._packb = msgpack.Packer(use_bin_type=True).pack
+
+    # ------------------------------------------------------------------ sending
+    def encode(self, msg: Message, frames: Sequence[Buffer] = ()) -> tuple[list[Any], int]:
+        """Frames to send (starting with the empty delimiter) and the message's request id."""
+        seq = next(self._seq)
+        head = msg.to_wire()
+        head["v"] = PROTOCOL_VERSION
+        head["kind"] = msg.KIND
+        head["id"] = seq
+        head["sender"] = self.sender
+        head["seq"] = seq
+        head["ts"] = time.time()
+        head["epoch"] = self.epoch
+        header = self._packb(head)
+        mac = self.signer.sign(header, frames)
+        return [b"", mac, header, *frames], seq
+
+    # ------------------------------------------------------------------ receiving
+    def decode(self, parts: Sequence[Any], start: int = 0) -> Received:
+        """Verify and decode ``parts[start:]`` (``b"", MAC, HEADER, *PAYLOAD``).
+
+        Raises ``SignatureError``, ``ReplayError`` or ``MalformedMessage``; nothing is decoded before
+        the MAC has been checked.
+        """
+        n = len(parts) - start
+        if n < 3 or n > MAX_PARTS:
+            raise MalformedMessage(f"message has {n} parts; expected at least 3 and at most {MAX_PARTS}")
+        if len(_buf(parts[start])) != 0:
+            raise MalformedMessage("missing empty delimiter frame")
+        mac = _buf(parts[start + 1])
+        header = _buf(parts[start + 2])
+        if len(mac) != MAC_BYTES:
+            raise MalformedMessage(f"MAC frame has {len(mac)} bytes, expected {MAC_BYTES}")
+        if len(header) > MAX_HEADER_BYTES:
+            raise MalformedMessage(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+        frames = [_buf(p) for p in parts[start + 3:]]
+        self.signer.verify(mac, header, frames)
+        try:
+            head = msgpack.unpackb(header, raw=False, strict_map_key=True, max_bin_len=MAX_HEADER_BYTES)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise MalformedMessage(f"header is not valid msgpack: {exc}") from None
+        if not isinstance(head, dict):
+            raise MalformedMessage("header is not a map")
+        env = _envelope(head)
+        self.guard.check(env.sender, env.seq, env.ts)
+        msg = message_from_header(head)
+        expected = payload_frame_count(msg)
+        if expected != len(frames):
+            raise MalformedMessage(f"{env.kind}: items declare {expected} payload frames, got {len(frames)}")
+        return Received(env, msg, list(parts[start + 3:]))
+
+
+def _envelope(head: dict[Any, Any]) -> Envelope:
+    try:
+        v, kind, mid, sender, seq, ts, epoch = (head[k] for k in ENVELOPE_KEYS)
+    except KeyError as exc:
+        raise MalformedMessage(f"header lacks envelope field {exc.args[0]!r}") from None
+    if v != PROTOCOL_VERSION:
+        raise MalformedMessage(f"protocol version {v!r}; this fedpar speaks {PROTOCOL_VERSION}")
+    if not (
+        isinstance(kind, str) and isinstance(mid, int) and isinstance(sender, str) and 0 < len(sender) <= 256
+        and isinstance(seq, int) and not isinstance(seq, bool) and seq > 0
+        and isinstance(ts, (int, float)) and isinstance(epoch, int)
+    ):
+        raise MalformedMessage("envelope field of the wrong type")
+    return Envelope(kind, mid, sender, seq, float(ts), epoch)

@@ -1,0 +1,258 @@
+"""The engine process: runs tasks in its main thread, heartbeats from a side thread.
+
+The main thread owns the task socket and executes tasks straight from it (no thread hand-off per
+task). While a batch of short tasks keeps arriving, results are sent back in batches too. The side
+thread owns a second socket for heartbeats and control, so ``EngineStop`` and liveness stay
+responsive while user code runs.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid as uuidlib
+from typing import Any
+
+import zmq
+
+from fedpar.codec import Codec
+from fedpar.errors import ControllerUnavailable, ProtocolError
+from fedpar.payload import FunctionCache, describe_exception, dumps, dumps_result, loads
+from fedpar.protocol import EngineHello, EngineStop, EngineWelcome, Heartbeat, Results, ResultSpec, Tasks
+from fedpar.runtime import ConnectionInfo
+from fedpar.transport import connect_dealer
+
+log = logging.getLogger(__name__)
+
+RESULT_BATCH = 64
+RESULT_BATCH_SECONDS = 0.002
+
+
+class Reference:
+    """An argument that names a variable in the engine's namespace, resolved when the task runs."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Reference({self.name!r})"
+
+
+class Engine:
+    """One engine: register, then run tasks until told to stop or the controller goes silent."""
+
+    def __init__(self, info: ConnectionInfo, *, controller_timeout: float = 30.0, replay_window: float = 300.0):
+        self.info = info
+        self.controller_timeout = controller_timeout
+        self.uuid = uuidlib.uuid4().hex
+        self.engine_id = -1
+        self.namespace: dict[str, Any] = {"__name__": "__fedpar_engine__"}
+        self._functions = FunctionCache()
+        self._stop = threading.Event()
+        self._busy = False
+        self._ctx = zmq.Context()
+        self._replay_window = replay_window
+
+    # ------------------------------------------------------------------ main thread
+    def run(self, register_timeout: float = 30.0) -> int:
+        """Serve until stopped. Returns the process exit code."""
+        task_ident = f"t:{self.uuid}".encode()
+        sock = connect_dealer(self._ctx, self.info.engine_endpoint, task_ident)
+        codec = Codec(self.info.key, f"engine:{self.uuid}:t", replay_window=self._replay_window)
+        try:
+            heartbeat = self._register(sock, codec, task_ident, register_timeout)
+            ctl = threading.Thread(target=self._control_loop, args=(heartbeat,), name="fedpar-engine-control",
+                                   daemon=True)
+            ctl.start()
+            self._serve(sock, codec)
+            return 0
+        except ControllerUnavailable as exc:
+            log.error("%s", exc)
+            return 3
+        finally:
+            self._stop.set()
+            sock.close(0)
+
+    def _register(self, sock: zmq.Socket[Any], codec: Codec, task_ident: bytes, timeout: float) -> float:
+        hello = EngineHello(self.uuid, socket.gethostname(), os.getpid(), task_ident)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            parts, rid = codec.encode(hello)
+            sock.send_multipart(parts)
+            if sock.poll(1000):
+                try:
+                    rx = codec.decode(sock.recv_multipart(copy=False))
+                except ProtocolError as exc:
+                    raise ControllerUnavailable(f"controller answered with a bad message: {exc}") from exc
+                if isinstance(rx.msg, EngineWelcome):
+                    self.engine_id = rx.msg.engine_id
+                    log.info("registered as engine %d with controller %s", self.engine_id, rx.msg.controller)
+                    return rx.msg.heartbeat
+        raise ControllerUnavailable(
+            f"no controller answered at {self.info.engine_endpoint} within {timeout:.0f}s"
+        )
+
+    def _serve(self, sock: zmq.Socket[Any], codec: Codec) -> None:
+        results: list[ResultSpec] = []
+        frames: list[Any] = []
+        first_pending = 0.0
+        while not self._stop.is_set():
+            if not sock.poll(0 if results else 200):
+                if results:
+                    self._send_results(sock, codec, results, frames)
+                    results, frames = [], []
+                continue
+            try:
+                rx = codec.decode(sock.recv_multipart(copy=False))
+            except ProtocolError as exc:
+                log.warning("dropped a bad message on the task socket: %s", exc)
+                continue
+            if isinstance(rx.msg, EngineStop):
+                break
+            if not isinstance(rx.msg, Tasks):
+                continue
+            if not results:
+                first_pending = time.monotonic()
+            pos = 0
+            for spec in rx.msg.tasks:
+                tframes = rx.frames[pos:pos + spec.nframes]
+                pos += spec.nframes
+                res, rframes = self._run_task(spec.task_id, spec.op, spec.spec, tframes)
+                results.append(res)
+                frames.extend(rframes)
+            if len(results) >= RESULT_BATCH or time.monotonic() - first_pending > RESULT_BATCH_SECONDS:
+                self._send_results(sock, codec, results, frames)
+                results, frames = [], []
+        if results:
+            self._send_results(sock, codec, results, frames)
+
+    def _send_results(self, sock: zmq.Socket[Any], codec: Codec, results: list[ResultSpec], frames: list[Any]) -> None:
+        parts, _ = codec.encode(Results(results), frames)
+        sock.send_multipart(parts, copy=False)
+
+    # ------------------------------------------------------------------ tasks
+    def _run_task(self, task_id: str, op: str, spec: dict[str, Any], frames: list[Any]) -> tuple[ResultSpec, list[Any]]:
+        started = time.time()
+        self._busy = True
+        try:
+            value = self._execute(op, spec, frames)
+            out = dumps_result(value)
+            return ResultSpec(task_id, True, self.engine_id, started, time.time(), None, len(out)), out
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, incl. KeyboardInterrupt
+            if isinstance(exc, SystemExit) and self._stop.is_set():
+                raise
+            err = describe_exception(exc)
+            return ResultSpec(task_id, False, self.engine_id, started, time.time(), err, 0), []
+        finally:
+            self._busy = False
+
+    def _execute(self, op: str, spec: dict[str, Any], frames: list[Any]) -> Any:
+        ns = self.namespace
+        if op == "apply":
+            fn = self._functions.load(frames[0])
+            args, kwargs = loads(_writable(frames[1:]))
+            return fn(*self._resolve(args), **kwargs)
+        if op == "map":
+            fn = self._functions.load(frames[0])
+            seqs = loads(_writable(frames[1:]))
+            return [fn(*a) for a in zip(*seqs, strict=False)]
+        if op == "execute":
+            code = spec.get("code")
+            if not isinstance(code, str):
+                raise TypeError("execute needs a code string")
+            exec(compile(code, "<fedpar-execute>", "exec"), ns)  # noqa: S102 - running user code is the job
+            return None
+        if op == "push":
+            ns.update(loads(_writable(frames)))
+            return None
+        if op == "pull":
+            names = spec.get("names")
+            if isinstance(names, str):
+                return _lookup(ns, names)
+            if isinstance(names, list):
+                return [_lookup(ns, n) for n in names]
+            raise TypeError("pull needs a name or a list of names")
+        raise ValueError(f"unknown task operation {op!r}")
+
+    def _resolve(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        if any(type(a) is Reference for a in args):
+            return tuple(_lookup(self.namespace, a.name) if type(a) is Reference else a for a in args)
+        return args
+
+    # ------------------------------------------------------------------ control thread
+    def _control_loop(self, heartbeat: float) -> None:
+        sock = connect_dealer(self._ctx, self.info.engine_endpoint, f"c:{self.uuid}".encode())
+        codec = Codec(self.info.key, f"engine:{self.uuid}:c", replay_window=self._replay_window)
+        last_ack = time.monotonic()
+        reason = ""
+        try:
+            while not self._stop.is_set():
+                parts, _ = codec.encode(Heartbeat(self.engine_id))
+                sock.send_multipart(parts)
+                deadline = time.monotonic() + heartbeat
+                while not reason and (left := deadline - time.monotonic()) > 0:
+                    if not sock.poll(left * 1000):
+                        break
+                    try:
+                        rx = codec.decode(sock.recv_multipart(copy=False))
+                    except ProtocolError as exc:
+                        log.warning("dropped a bad control message: %s", exc)
+                        continue
+                    if isinstance(rx.msg, Heartbeat):
+                        last_ack = time.monotonic()
+                    elif isinstance(rx.msg, EngineStop):
+                        reason = rx.msg.reason or "stop requested"
+                if not reason and time.monotonic() - last_ack > self.controller_timeout:
+                    reason = f"controller silent for {self.controller_timeout:.0f}s"
+                if reason:
+                    break
+        finally:
+            sock.close(0)
+        if reason:
+            log.info("engine %d stopping: %s", self.engine_id, reason)
+            self._halt()
+
+    def _halt(self) -> None:
+        """Stop the main thread: at once if idle, by interrupting user code if busy, else hard exit."""
+        self._stop.set()
+        deadline = time.monotonic() + 1.0
+        while self._busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self._busy:
+            _thread.interrupt_main()
+            time.sleep(1.0)
+            os._exit(0)
+
+
+def _writable(frames: list[Any]) -> list[Any]:
+    """Out-of-band buffers as writable memory (arrays rebuilt on them must accept writes)."""
+    if len(frames) <= 1:
+        return frames
+    return [frames[0], *(bytearray(f) for f in frames[1:])]
+
+
+def _lookup(ns: dict[str, Any], name: str) -> Any:
+    try:
+        return ns[name]
+    except KeyError:
+        raise NameError(f"name {name!r} is not defined on this engine") from None
+
+
+def run_engine(info: ConnectionInfo, *, controller_timeout: float = 30.0, replay_window: float = 300.0) -> int:
+    """Entry point of ``fedpar engine``."""
+    signal.signal(signal.SIGTERM, lambda *_: _thread.interrupt_main())
+    engine = Engine(info, controller_timeout=controller_timeout, replay_window=replay_window)
+    try:
+        return engine.run()
+    except KeyboardInterrupt:
+        return 0
+
+
+__all__ = ["Engine", "Reference", "dumps", "run_engine"]

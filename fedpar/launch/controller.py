@@ -1,0 +1,121 @@
+"""``fedpar controller``: assemble the store, sockets, gateway and housekeeper, then serve.
+
+The cluster key lives in the state directory (``cluster.key``, 0600), so a controller restarted on
+the same state directory keeps its key and clients and engines can reconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from fedpar.actors.gateway import Gateway
+from fedpar.actors.housekeeper import Housekeeper
+from fedpar.actors.journal import Journal
+from fedpar.codec import Codec
+from fedpar.config import Config
+from fedpar.errors import ConfigError
+from fedpar.registry import EngineRegistry
+from fedpar.runtime import ConnectionInfo, remove_connection_file, write_connection_file
+from fedpar.scheduler import Scheduler
+from fedpar.signing import KEY_BYTES, new_cluster_key
+from fedpar.store.lmdb_store import LmdbStore
+from fedpar.transport import bind_router, is_loopback, publish_host
+
+log = logging.getLogger(__name__)
+
+KEY_FILE = "cluster.key"
+
+
+def load_or_create_key(state_dir: Path, given: bytes | None = None) -> bytes:
+    """The cluster key: ``given`` (then saved), else the one saved in ``state_dir``, else a new one."""
+    path = state_dir / KEY_FILE
+    if given is None and path.exists():
+        key = path.read_bytes()
+        if len(key) != KEY_BYTES:
+            raise ConfigError(f"{path} holds {len(key)} bytes; a cluster key has {KEY_BYTES}")
+        return key
+    key = given if given is not None else new_cluster_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
+
+
+def run_controller(
+    config: Config,
+    *,
+    cluster_id: str,
+    state_dir: Path,
+    key: bytes | None = None,
+    connection_file: Path | None = None,
+    parent_pid: int | None = None,
+) -> int:
+    """Run a controller until it is stopped (SIGTERM, SIGINT, a client's shutdown request)."""
+    host = config.controller.host
+    if not is_loopback(host) and not config.security.insecure:
+        raise ConfigError(
+            f"[controller] host = {host} is not a loopback address and encryption is not available yet; "
+            "set [security] insecure = true to accept unencrypted traffic on this network"
+        )
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state_dir, 0o700)
+    key = load_or_create_key(state_dir, key)
+    store = LmdbStore(
+        state_dir / "store", map_size=config.store.map_size, max_map_size=config.store.max_map_size,
+        sync=config.store.sync,
+    )
+    epoch = store.next_epoch()
+    controller_id = f"{cluster_id}.{secrets.token_hex(3)}"
+    ctx: zmq.Context[Any] = zmq.Context()
+    client_sock, client_ep = bind_router(ctx, host)
+    engine_sock, engine_ep = bind_router(ctx, host)
+    pub = publish_host(host)
+    client_ep = client_ep.replace(f"//{host}:", f"//{pub}:") if pub != host else client_ep
+    engine_ep = engine_ep.replace(f"//{host}:", f"//{pub}:") if pub != host else engine_ep
+
+    codec = Codec(key, f"controller:{controller_id}:{epoch}", epoch=epoch,
+                  replay_window=config.security.replay_window, marks=store.marks())
+    engines = store.engines()
+    registry = EngineRegistry(config.controller.heartbeat * config.controller.heartbeat_misses,
+                              next_id=max((e.engine_id for e in engines), default=-1) + 1)
+    gateway = Gateway(
+        controller_id=controller_id, codec=codec, client_sock=client_sock, engine_sock=engine_sock,
+        journal=Journal(store), registry=registry, scheduler=Scheduler(config.engines.prefetch),
+        heartbeat=config.controller.heartbeat, batch=config.controller.batch,
+    )
+    info = ConnectionInfo(
+        cluster_id=cluster_id, key=key, client_endpoint=client_ep, engine_endpoint=engine_ep,
+        controller_id=controller_id, controller_pid=os.getpid(), state_dir=str(state_dir),
+        created=time.time(),
+    )
+    cf = write_connection_file(info, connection_file, config)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("controller got signal %d; stopping", signum)
+        gateway.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    housekeeper = Housekeeper.start(gateway, retention=config.store.retention, parent_pid=parent_pid)
+    log.info("controller %s (epoch %d) serving clients at %s, engines at %s", controller_id, epoch,
+             client_ep, engine_ep)
+    try:
+        gateway.run()
+    finally:
+        housekeeper.stop()
+        client_sock.close(0)
+        engine_sock.close(0)
+        ctx.term()
+        store.sync()
+        store.close()
+        remove_connection_file(cf)
+        log.info("controller %s stopped", controller_id)
+    return 0

@@ -1,0 +1,135 @@
+"""User data <-> payload frames: pickle protocol 5 with out-of-band buffers, cloudpickle for code.
+
+Frame 0 is the pickle stream; the remaining frames are the raw out-of-band buffers (numpy arrays,
+bytes-like objects), sent zero-copy and rebuilt zero-copy on the other side. Only clients and engines
+call this module: the controller never unpickles user data.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import traceback
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cloudpickle
+
+PROTOCOL = 5
+_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
+
+
+def _is_plain(obj: object, depth: int = 0) -> bool:
+    """True when standard pickle is certainly right (no code that would pickle by reference)."""
+    t = type(obj)
+    if t in _PLAIN_TYPES:
+        return True
+    if depth < 2 and t in (tuple, list):
+        return len(obj) <= 64 and all(_is_plain(x, depth + 1) for x in obj)  # type: ignore[attr-defined]
+    if depth < 2 and t is dict:
+        return len(obj) <= 64 and all(  # type: ignore[arg-type]
+            type(k) is str and _is_plain(v, depth + 1) for k, v in obj.items()  # type: ignore[attr-defined]
+        )
+    return t.__module__ == "numpy" and t.__name__ == "ndarray" and obj.dtype.hasobject is False  # type: ignore[attr-defined]
+
+
+def dumps(obj: Any) -> list[Any]:
+    """Serialize ``obj`` into ``[pickle stream, *out-of-band buffers]``."""
+    buffers: list[pickle.PickleBuffer] = []
+    if _is_plain(obj):
+        stream = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+    else:
+        stream = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+    if not buffers:
+        return [stream]
+    return [stream, *(b.raw() for b in buffers)]
+
+
+def loads(frames: Sequence[Any]) -> Any:
+    """Rebuild an object from ``dumps`` frames (zero-copy for the out-of-band buffers)."""
+    if not frames:
+        raise ValueError("no payload frames")
+    return pickle.loads(frames[0], buffers=frames[1:])
+
+
+def dumps_result(obj: Any) -> list[Any]:
+    """Like ``dumps`` but tries the fast standard pickler first (engine results)."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        stream = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+    except Exception:
+        buffers.clear()
+        stream = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+    return [stream, *(b.raw() for b in buffers)]
+
+
+class FunctionPickles:
+    """Caches the cloudpickle of functions sent repeatedly (the per-task hot path of ``apply``).
+
+    The cache key is the function object. A function's pickle may capture the values of the globals it
+    refers to (functions defined in ``__main__`` or a notebook), so an entry also remembers the identity
+    of each referenced global and of each closure cell value, and is rebuilt when any of them was
+    rebound. (Like dask, an in-place mutation of such a global is not noticed.)
+    """
+
+    def __init__(self, size: int = 256):
+        self._size = size
+        self._cache: weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[int, ...], bytes]]
+        self._cache = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _fingerprint(fn: Callable[..., Any]) -> tuple[int, ...]:
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            return ()
+        g = getattr(fn, "__globals__", {})
+        ids = [id(g.get(name)) for name in code.co_names]
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                ids.append(id(cell.cell_contents))
+            except ValueError:  # empty cell
+                ids.append(0)
+        return tuple(ids)
+
+    def get(self, fn: Callable[..., Any]) -> bytes:
+        """The pickle of ``fn`` (cached while its referenced globals and closure stay the same)."""
+        fp = self._fingerprint(fn)
+        try:
+            hit = self._cache.get(fn)
+        except TypeError:  # not weak-referenceable (e.g. some builtins): no caching
+            return cloudpickle.dumps(fn, protocol=PROTOCOL)  # type: ignore[no-any-return]
+        if hit is not None and hit[0] == fp:
+            return hit[1]
+        data: bytes = cloudpickle.dumps(fn, protocol=PROTOCOL)
+        with self._lock:
+            if len(self._cache) >= self._size:
+                self._cache.clear()
+            self._cache[fn] = (fp, data)
+        return data
+
+
+class FunctionCache:
+    """Engine side: unpickled functions keyed by their pickle bytes (LRU)."""
+
+    def __init__(self, size: int = 256):
+        self._size = size
+        self._cache: OrderedDict[bytes, Any] = OrderedDict()
+
+    def load(self, data: Any) -> Any:
+        key = bytes(data)
+        fn = self._cache.get(key)
+        if fn is None:
+            fn = pickle.loads(key)
+            self._cache[key] = fn
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return fn
+
+
+def describe_exception(exc: BaseException) -> list[str]:
+    """``[type name, message, traceback text]`` of an exception, as it travels on the wire."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return [type(exc).__name__, str(exc), tb]

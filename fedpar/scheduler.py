@@ -1,0 +1,216 @@
+"""The controller's scheduling logic as a pure state machine: no threads, sockets or clocks.
+
+The gateway feeds it events (``submit``, ``complete``, ``add_engine``, ``remove_engine``) and executes
+the decisions ``assign`` returns. Everything here is plain data, unit-tested without processes.
+
+Policy
+* Direct tasks (``target`` set) wait in their engine's own FIFO; load-balanced tasks in one shared FIFO.
+  An engine with free credit takes its direct tasks first, then load-balanced ones.
+* Credit (tasks queued on an engine at once) adapts to the task length: enough tasks to cover about
+  ``PIPELINE_SECONDS`` of work, so short tasks stream without idle gaps and long tasks are not hoarded by
+  one engine while another is idle. ``prefetch > 0`` fixes the credit instead.
+* Load-balanced tasks go to the engine with the most free credit first (least outstanding work).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+PIPELINE_SECONDS = 0.004
+MAX_CREDIT = 64
+INITIAL_CREDIT = 2
+
+
+class Task:
+    """A task the controller has accepted and not yet finished (in-flight state only)."""
+
+    __slots__ = (
+        "assigned", "attempts", "client", "engine", "frames", "nframes", "op", "retries", "spec",
+        "submitted", "target", "task_id",
+    )
+
+    def __init__(
+        self,
+        task_id: str,
+        client: str,
+        op: str,
+        target: int | None,
+        nframes: int,
+        retries: int,
+        spec: dict[str, Any],
+        frames: list[Any] | None,
+        submitted: float,
+        attempts: int = 0,
+    ):
+        self.task_id = task_id
+        self.client = client
+        self.op = op
+        self.target = target
+        self.nframes = nframes
+        self.retries = retries
+        self.spec = spec
+        self.frames = frames  # None once dispatched: the store keeps the inputs for a retry
+        self.submitted = submitted
+        self.engine: int | None = None
+        self.assigned: float | None = None
+        self.attempts = attempts
+
+
+class _Engine:
+    __slots__ = ("direct", "ewma", "fixed", "outstanding")
+
+    def __init__(self, fixed: int):
+        self.direct: deque[Task] = deque()
+        self.outstanding: dict[str, Task] = {}
+        self.ewma: float | None = None  # mean task runtime on this engine (seconds)
+        self.fixed = fixed
+
+    def credit(self) -> int:
+        if self.fixed:
+            return self.fixed
+        if self.ewma is None:
+            return INITIAL_CREDIT
+        return max(1, min(MAX_CREDIT, int(PIPELINE_SECONDS / max(self.ewma, 1e-6))))
+
+    def free(self) -> int:
+        return self.credit() - len(self.outstanding)
+
+
+class Scheduler:
+    """Queues, per-engine credit and the assignment decision."""
+
+    def __init__(self, prefetch: int = 0):
+        self.prefetch = prefetch
+        self._engines: dict[int, _Engine] = {}
+        self._queue: deque[Task] = deque()
+        self._in_flight: dict[str, Task] = {}
+
+    # ------------------------------------------------------------------ engines
+    def add_engine(self, engine_id: int) -> None:
+        self._engines.setdefault(engine_id, _Engine(self.prefetch))
+
+    def remove_engine(self, engine_id: int) -> tuple[list[Task], list[Task]]:
+        """Forget an engine. Returns (tasks that were running on it, direct tasks still waiting for it)."""
+        eng = self._engines.pop(engine_id, None)
+        if eng is None:
+            return [], []
+        running = list(eng.outstanding.values())
+        waiting = list(eng.direct)
+        for t in running + waiting:
+            self._in_flight.pop(t.task_id, None)
+        return running, waiting
+
+    def has_engine(self, engine_id: int) -> bool:
+        return engine_id in self._engines
+
+    def engine_ids(self) -> list[int]:
+        return sorted(self._engines)
+
+    def engine_load(self, engine_id: int) -> int:
+        eng = self._engines.get(engine_id)
+        return len(eng.outstanding) + len(eng.direct) if eng else 0
+
+    # ------------------------------------------------------------------ tasks
+    def submit(self, task: Task) -> None:
+        """Queue a task. A direct task's engine must exist (the caller checks ``has_engine``)."""
+        self._in_flight[task.task_id] = task
+        if task.target is None:
+            self._queue.append(task)
+        else:
+            self._engines[task.target].direct.append(task)
+
+    def requeue(self, task: Task) -> None:
+        """Put a task that lost its engine back at the front of the shared queue (a retry)."""
+        task.engine = None
+        task.assigned = None
+        self._in_flight[task.task_id] = task
+        self._queue.appendleft(task)
+
+    def assign(self, now: float) -> list[tuple[int, list[Task]]]:
+        """Decide which queued tasks go to which engine now; marks them assigned."""
+        out: list[tuple[int, list[Task]]] = []
+        if not self._engines:
+            return out
+        lb = self._queue
+        free_after: dict[int, int] = {}
+        for eid, eng in self._engines.items():
+            free = eng.free()
+            if free > 0 and eng.direct:
+                batch: list[Task] = []
+                while free > 0 and eng.direct:
+                    batch.append(eng.direct.popleft())
+                    free -= 1
+                out.append((eid, batch))
+            if free > 0:
+                free_after[eid] = free
+        if lb and free_after:
+            # Spread evenly: one task at a time, engines with the most free credit first.
+            order = sorted(free_after, key=free_after.__getitem__, reverse=True)
+            shares: dict[int, int] = dict.fromkeys(order, 0)
+            n = len(lb)
+            while n and order:
+                for eid in list(order):
+                    if not n:
+                        break
+                    shares[eid] += 1
+                    n -= 1
+                    free_after[eid] -= 1
+                    if free_after[eid] <= 0:
+                        order.remove(eid)
+            merged = dict(out)
+            for eid, k in shares.items():
+                if k:
+                    merged.setdefault(eid, []).extend(lb.popleft() for _ in range(k))
+            out = list(merged.items())
+        for eid, batch in out:
+            eng = self._engines[eid]
+            for t in batch:
+                t.engine = eid
+                t.assigned = now
+                t.attempts += 1
+                eng.outstanding[t.task_id] = t
+        return out
+
+    def complete(self, task_id: str, engine_id: int | None, runtime: float | None) -> Task | None:
+        """A result arrived. Returns the finished task, or None if it is unknown (a duplicate)."""
+        task = self._in_flight.pop(task_id, None)
+        if task is None:
+            return None
+        eng = self._engines.get(task.engine) if task.engine is not None else None
+        if eng is not None:
+            eng.outstanding.pop(task_id, None)
+            if runtime is not None and runtime >= 0:
+                eng.ewma = runtime if eng.ewma is None else 0.8 * eng.ewma + 0.2 * runtime
+        return task
+
+    def get(self, task_id: str) -> Task | None:
+        return self._in_flight.get(task_id)
+
+    def cancel_queued(self, task_ids: Iterable[str]) -> list[Task]:
+        """Remove tasks that are still queued (not assigned); returns the removed ones."""
+        wanted = set(task_ids)
+        removed: list[Task] = []
+        for q in [self._queue, *(e.direct for e in self._engines.values())]:
+            keep = [t for t in q if t.task_id not in wanted]
+            if len(keep) != len(q):
+                removed.extend(t for t in q if t.task_id in wanted)
+                q.clear()
+                q.extend(keep)
+        for t in removed:
+            self._in_flight.pop(t.task_id, None)
+        return removed
+
+    # ------------------------------------------------------------------ counters
+    @property
+    def queued(self) -> int:
+        return len(self._queue) + sum(len(e.direct) for e in self._engines.values())
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def assigned_count(self) -> int:
+        return sum(len(e.outstanding) for e in self._engines.values())

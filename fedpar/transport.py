@@ -1,0 +1,123 @@
+"""All zmq socket handling: bind-then-publish, connect, and a waker for poll loops.
+
+Every process binds port 0 itself (``tcp://HOST:*``) and publishes the endpoint the OS gave it, so
+there is no probe-then-bind race. ROUTER sockets are ``ROUTER_MANDATORY``: a send to a peer that is
+gone raises instead of vanishing silently.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from typing import Any
+
+import zmq
+
+from fedpar.errors import TransportError
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """True for loopback addresses (binding these needs no encryption)."""
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _tune(sock: zmq.Socket[Any]) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+
+
+def bind_router(ctx: zmq.Context[Any], host: str = "127.0.0.1") -> tuple[zmq.Socket[Any], str]:
+    """A ROUTER bound to an OS-chosen port on ``host``; returns the socket and its real endpoint."""
+    sock = ctx.socket(zmq.ROUTER)
+    _tune(sock)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if ":" in host and not host.startswith("["):
+        sock.setsockopt(zmq.IPV6, 1)
+        addr = f"tcp://[{host}]:*"
+    else:
+        addr = f"tcp://{host}:*"
+    try:
+        sock.bind(addr)
+    except zmq.ZMQError as exc:
+        sock.close()
+        raise TransportError(f"cannot bind {addr}: {exc}") from exc
+    endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
+    assert isinstance(endpoint, bytes)
+    return sock, endpoint.decode()
+
+
+def connect_dealer(ctx: zmq.Context[Any], endpoint: str, identity: bytes) -> zmq.Socket[Any]:
+    """A DEALER with a fixed identity, connected to ``endpoint``."""
+    sock = ctx.socket(zmq.DEALER)
+    _tune(sock)
+    sock.setsockopt(zmq.IDENTITY, identity)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    if endpoint.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close()
+        raise TransportError(f"cannot connect to {endpoint}: {exc}") from exc
+    return sock
+
+
+def publish_host(host: str) -> str:
+    """The host name to publish for a wildcard bind."""
+    if host in ("0.0.0.0", "*", "::"):
+        return socket.gethostname()
+    return host
+
+
+class Waker:
+    """Wakes a thread blocked in ``zmq.Poller.poll`` from any other thread (a self-pipe).
+
+    ``wake()`` is cheap and safe from any thread; the poller watches ``fileno()``; the woken thread
+    calls ``drain()``.
+    """
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._armed = False
+
+    def fileno(self) -> int:
+        return self._r
+
+    def wake(self) -> None:
+        if self._armed:
+            return
+        self._armed = True
+        try:
+            os.write(self._w, b"x")
+        except BlockingIOError:  # the pipe is full: the reader is already due to wake
+            pass
+        except OSError:  # closed during shutdown
+            pass
+
+    def drain(self) -> None:
+        self._armed = False
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
