@@ -50,9 +50,35 @@ def find_tagged(tag: str) -> list[psutil.Process]:
     return found
 
 
-def kill_processes(procs: list[psutil.Process], grace: float = 3.0) -> list[int]:
-    """SIGTERM ``procs``, wait ``grace`` seconds, SIGKILL survivors; return the pids signalled."""
+#: Interpreter helpers that die on their own when their parent exits; killed but not reported.
+RUNTIME_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def describe(proc: psutil.Process) -> str:
+    """``"PID cmdline"`` (shortened) for reports."""
+    try:
+        cmd = " ".join(proc.cmdline()) or proc.name()
+    except psutil.Error:
+        cmd = "?"
+    return f"{proc.pid} {cmd[:160]}"
+
+
+def is_runtime_helper(proc: psutil.Process) -> bool:
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+    return any(h in cmd for h in RUNTIME_HELPERS)
+
+
+def kill_processes(procs: list[psutil.Process], grace: float = 3.0) -> list[str]:
+    """SIGTERM ``procs``, wait ``grace`` seconds, SIGKILL survivors.
+
+    Returns a description of each process signalled, leaving out interpreter helpers
+    (:data:`RUNTIME_HELPERS`), which are expected to outlive a cluster's stop by a moment.
+    """
     alive = [p for p in procs if _running(p)]
+    report = [describe(p) for p in alive if not is_runtime_helper(p)]
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.terminate()
@@ -61,11 +87,11 @@ def kill_processes(procs: list[psutil.Process], grace: float = 3.0) -> list[int]
         with contextlib.suppress(psutil.Error):
             p.kill()
     psutil.wait_procs(still, timeout=grace)
-    return [p.pid for p in alive]
+    return report
 
 
-def kill_tagged(tag: str, grace: float = 3.0) -> list[int]:
-    """Kill every process carrying ``tag``; return their pids."""
+def kill_tagged(tag: str, grace: float = 3.0) -> list[str]:
+    """Kill every process carrying ``tag``; describe them (see :func:`kill_processes`)."""
     return kill_processes(find_tagged(tag), grace=grace)
 
 
@@ -80,3 +106,11 @@ def _running(p: psutil.Process) -> bool:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def reap(procs: list[psutil.Process], wait: float = 5.0) -> list[str]:
+    """Give ``procs`` ``wait`` seconds to exit on their own, then kill the rest (described)."""
+    alive = [p for p in procs if _running(p)]
+    _gone, still = psutil.wait_procs(alive, timeout=wait)
+    still = [p for p in still if _running(p)]
+    return kill_processes(still) if still else []

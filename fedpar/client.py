@@ -340,7 +340,7 @@ class Client:
         reply = self._request(StatusRequest(), timeout)
         assert isinstance(reply, StatusReply)
         return {
-            "controller": reply.controller, "epoch": reply.epoch, "engines": reply.engines,
+            "controller": reply.controller, "epoch": reply.controller_epoch, "engines": reply.engines,
             "queued": reply.queued, "in_flight": reply.in_flight, "done": reply.done,
             "failed": reply.failed, **reply.stats,
         }

@@ -148,6 +148,9 @@ class CompositeError(FedparError):
             lines.append(f"  {where}{err}")
         super().__init__("\n".join(lines))
 
+    def __reduce__(self) -> tuple[object, ...]:
+        return (CompositeError, (self.errors,))
+
     def raise_exception(self, index: int = 0) -> None:
         """Raise the ``index``-th underlying failure (ipyparallel's name for it)."""
         raise self.errors[index]

@@ -65,6 +65,18 @@ def dumps_result(obj: Any) -> list[Any]:
     return [stream, *(b.raw() for b in buffers)]
 
 
+_MISSING = object()
+
+
+def _code_names(code: Any) -> set[str]:
+    """Global names used by ``code`` and by the code objects nested in it."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _code_names(const)
+    return names
+
+
 class FunctionPickles:
     """Caches the cloudpickle of functions sent repeatedly (the per-task hot path of ``apply``).
 
@@ -76,23 +88,31 @@ class FunctionPickles:
 
     def __init__(self, size: int = 256):
         self._size = size
-        self._cache: weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[int, ...], bytes]]
+        self._cache: weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[Any, ...], bytes]]
         self._cache = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     @staticmethod
-    def _fingerprint(fn: Callable[..., Any]) -> tuple[int, ...]:
+    def _fingerprint(fn: Callable[..., Any], depth: int = 0) -> tuple[Any, ...]:
+        """The objects a pickle of ``fn`` captures by value: referenced globals (also in nested code
+        such as lambdas and comprehensions) and closure cells, recursing into referenced functions.
+        Kept as strong references and compared with ``is``, so a reused address cannot fool it."""
         code = getattr(fn, "__code__", None)
         if code is None:
             return ()
         g = getattr(fn, "__globals__", {})
-        ids = [id(g.get(name)) for name in code.co_names]
+        out: list[Any] = []
+        for name in sorted(_code_names(code)):
+            obj = g.get(name, _MISSING)
+            out.append(obj)
+            if depth < 3 and callable(obj) and hasattr(obj, "__code__") and obj is not fn:
+                out.extend(FunctionPickles._fingerprint(obj, depth + 1))
         for cell in getattr(fn, "__closure__", None) or ():
             try:
-                ids.append(id(cell.cell_contents))
+                out.append(cell.cell_contents)
             except ValueError:  # empty cell
-                ids.append(0)
-        return tuple(ids)
+                out.append(_MISSING)
+        return tuple(out)
 
     def get(self, fn: Callable[..., Any]) -> bytes:
         """The pickle of ``fn`` (cached while its referenced globals and closure stay the same)."""
@@ -101,7 +121,7 @@ class FunctionPickles:
             hit = self._cache.get(fn)
         except TypeError:  # not weak-referenceable (e.g. some builtins): no caching
             return cloudpickle.dumps(fn, protocol=PROTOCOL)  # type: ignore[no-any-return]
-        if hit is not None and hit[0] == fp:
+        if hit is not None and len(hit[0]) == len(fp) and all(a is b for a, b in zip(hit[0], fp, strict=True)):
             return hit[1]
         data: bytes = cloudpickle.dumps(fn, protocol=PROTOCOL)
         with self._lock:
@@ -121,7 +141,9 @@ class FunctionCache:
     def load(self, data: Any) -> Any:
         key = bytes(data)
         fn = self._cache.get(key)
-        if fn is None:
+        if fn is not None:
+            self._cache.move_to_end(key)
+        else:
             fn = pickle.loads(key)
             self._cache[key] = fn
             if len(self._cache) > self._size:

@@ -23,6 +23,19 @@ ENVELOPE_KEYS = ("v", "kind", "id", "sender", "seq", "ts", "epoch")
 
 
 # --------------------------------------------------------------------------- batch items
+MAX_TASK_ID_BYTES = 256
+
+
+def valid_task_id(task_id: object) -> bool:
+    """A task id is a str of 1-256 UTF-8 bytes without NUL (it is an LMDB key prefix)."""
+    if not isinstance(task_id, str) or not task_id or "\x00" in task_id:
+        return False
+    try:
+        return len(task_id.encode()) <= MAX_TASK_ID_BYTES
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+
+
 class TaskSpec(NamedTuple):
     """One task inside ``Submit`` (client -> controller) and ``Tasks`` (controller -> engine).
 
@@ -44,7 +57,7 @@ class TaskSpec(NamedTuple):
             raise MalformedMessage("task item must be a list of 6 fields")
         task_id, op, target, nframes, retries, spec = row
         if not (
-            isinstance(task_id, str) and 0 < len(task_id) <= 256 and "\x00" not in task_id
+            valid_task_id(task_id)
             and isinstance(op, str)
             and (target is None or _is_int(target))
             and _is_int(nframes) and 0 <= nframes <= MAX_FRAMES
@@ -75,7 +88,7 @@ class ResultSpec(NamedTuple):
             raise MalformedMessage("result item must be a list of 7 fields")
         task_id, ok, engine, started, completed, error, nframes = row
         if not (
-            isinstance(task_id, str) and 0 < len(task_id) <= 256
+            valid_task_id(task_id)
             and isinstance(ok, bool)
             and (engine is None or _is_int(engine))
             and (started is None or isinstance(started, (int, float)))
@@ -160,6 +173,10 @@ class GetResults(Message):
     KIND: ClassVar[str] = "get_results"
     task_ids: list[str]
 
+    def __post_init__(self) -> None:
+        if not all(valid_task_id(t) for t in self.task_ids):
+            raise MalformedMessage("get_results: every task id must be 1-256 UTF-8 bytes without NUL")
+
 
 @dataclass(frozen=True, slots=True)
 class StatusRequest(Message):
@@ -175,7 +192,7 @@ class StatusReply(Message):
     KIND: ClassVar[str] = "status_reply"
     reply_to: int
     controller: str
-    epoch: int
+    controller_epoch: int
     engines: list[dict[str, Any]]
     queued: int
     in_flight: int

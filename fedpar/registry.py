@@ -30,6 +30,9 @@ class EngineRegistry:
         if eid is None:
             eid = self._next_id
             self._next_id += 1
+        old = self._task_ident.get(eid)
+        if old is not None:
+            self._by_task_ident.pop(old, None)
         rec = EngineRecord(eid, uuid, hostname, pid, now, "up")
         self._records[eid] = rec
         self._by_uuid[uuid] = eid

@@ -150,8 +150,11 @@ class AsyncResult(Future[Any]):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until all tasks finished or ``timeout`` passed; True when done. Never raises task errors."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._done == self._n, timeout)
+        try:
+            self.exception(timeout)  # waits for the Future itself, so ready() agrees afterwards
+        except FuturesTimeout:
+            return False
+        return True
 
     def ready(self) -> bool:
         return self.done()

@@ -178,10 +178,21 @@ class Scheduler:
         task = self._in_flight.pop(task_id, None)
         if task is None:
             return None
-        eng = self._engines.get(task.engine) if task.engine is not None else None
+        if task.engine is None:
+            # A late result for a task that was re-queued after its engine was declared lost: the result
+            # stands, so the queued copy must not run again.
+            queue = self._queue if task.target is None else self._engines[task.target].direct \
+                if task.target in self._engines else self._queue
+            try:
+                queue.remove(task)
+            except ValueError:
+                pass
+            return task
+        eng = self._engines.get(task.engine)
         if eng is not None:
             eng.outstanding.pop(task_id, None)
-            if runtime is not None and runtime >= 0:
+            # Only the engine that ran it teaches us its speed (a stale result may come from another).
+            if engine_id == task.engine and runtime is not None and runtime >= 0:
                 eng.ewma = runtime if eng.ewma is None else 0.8 * eng.ewma + 0.2 * runtime
         return task
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import struct
 import time
@@ -90,7 +91,7 @@ class ReplayGuard:
         """Accept (and record) ``seq`` from ``sender`` or raise ``ReplayError``."""
         if now is None:
             now = time.time()
-        if abs(now - ts) > self.window:
+        if not math.isfinite(ts) or abs(now - ts) > self.window:
             raise ReplayError(
                 f"message from {sender!r} is timestamped {now - ts:+.1f}s from now, outside the "
                 f"{self.window:.0f}s window (are the clocks of the two hosts in sync?)"

@@ -108,12 +108,17 @@ class Waker:
             pass
 
     def drain(self) -> None:
-        self._armed = False
+        """Consume pending wake-ups. Call before handling the work they announce.
+
+        The pipe is emptied *before* the flag is cleared: a ``wake()`` racing with this either sees
+        the flag still set (its work is handled right after this call) or writes a fresh byte.
+        """
         try:
             while os.read(self._r, 4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+        self._armed = False
 
     def close(self) -> None:
         for fd in (self._r, self._w):

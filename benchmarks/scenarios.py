@@ -1,0 +1,305 @@
+"""The scenarios: sizes, the figures each reports, and how each is measured on a system."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.memory import RssSampler, rss_anon
+from benchmarks.systems.base import NotApplicable, System
+
+MB = 1e6
+GB = 1e9
+
+#: Seconds the memory scenario lets a controller settle before and after its workload.
+SETTLE_BEFORE_S = 0.5
+SETTLE_AFTER_S = 1.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Workload sizes. :meth:`full` is the issue's definition; :meth:`quick` is for CI."""
+
+    apply_tasks: int = 10_000
+    map_elements: int = 100_000
+    latency_round_trips: int = 1_000
+    payload_bytes: int = 100_000_000
+    memory_tasks: int = 100_000
+    memory_result_kb: int = 1
+    restart_results: int = 100_000
+    batch: int = 10_000  # tasks submitted per batch in the memory and restart scenarios
+
+    @classmethod
+    def full(cls) -> Sizes:
+        return cls()
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            apply_tasks=200,
+            map_elements=2_000,
+            latency_round_trips=100,
+            payload_bytes=4_000_000,
+            memory_tasks=2_000,
+            restart_results=2_000,
+            batch=1_000,
+        )
+
+    def with_overrides(self, overrides: Mapping[str, int]) -> Sizes:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown size(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **dict(overrides))
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One reported number: ``key`` in the samples, a label with unit, and which way is better."""
+
+    key: str
+    label: str
+    higher_is_better: bool
+
+    @property
+    def arrow(self) -> str:
+        return "↑" if self.higher_is_better else "↓"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    figures: tuple[Figure, ...]
+    describe: Callable[[Sizes], str]
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "throughput_apply",
+            "Task throughput, one by one",
+            (Figure("tasks_per_s", "tasks/s", True),),
+            lambda z: (
+                f"{z.apply_tasks:,} no-op tasks submitted one by one through the load-balanced "
+                "interface, then all awaited."
+            ),
+        ),
+        Scenario(
+            "throughput_map",
+            "Map throughput",
+            (Figure("elements_per_s", "elements/s", True),),
+            lambda z: (
+                f"A {z.map_elements:,}-element no-op map with each system's default chunking, gathered."
+            ),
+        ),
+        Scenario(
+            "latency",
+            "Round-trip latency",
+            (Figure("median_us", "median µs", False), Figure("p99_us", "p99 µs", False)),
+            lambda z: f"{z.latency_round_trips:,} sequential synchronous no-op round trips.",
+        ),
+        Scenario(
+            "payload",
+            "Large payload",
+            (
+                Figure("push_pull_gbps", "push+pull GB/s", True),
+                Figure("apply_gbps", "identity apply GB/s", True),
+                Figure("push_pull_mem_x", "push+pull ctrl mem x payload", False),
+                Figure("apply_mem_x", "apply ctrl mem x payload", False),
+            ),
+            lambda z: (
+                f"A {z.payload_bytes / MB:,.0f} MB float64 array to one engine and back. GB/s = "
+                "2 x payload bytes / wall time (there and back). Memory = peak RssAnon of the "
+                "controller/scheduler process(es) during the transfer minus their RssAnon just "
+                "before it, as a multiple of the payload (sampled every ~5 ms)."
+            ),
+        ),
+        Scenario(
+            "controller_memory",
+            "Controller memory growth",
+            (Figure("growth_mb_per_100k", "MB growth per 100k tasks", False),),
+            lambda z: (
+                f"Controller/scheduler RssAnon before and after {z.memory_tasks:,} tasks each "
+                f"returning {z.memory_result_kb} KB (submitted in batches of {z.batch:,}, results "
+                "fetched and dropped), scaled to 100,000 tasks."
+            ),
+        ),
+        Scenario(
+            "restart",
+            "Controller restart",
+            (Figure("restart_s", "restart s", False),),
+            lambda z: (
+                f"Time for a controller holding {z.restart_results:,} stored results to "
+                "restart and answer get_result for one of them (fedpar only)."
+            ),
+        ),
+        Scenario(
+            "federation",
+            "Federation",
+            (),
+            lambda z: "Placeholder until fedpar federation exists.",
+        ),
+    )
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) with linear interpolation (numpy's default method)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def batches(n: int, size: int) -> list[int]:
+    """Split ``n`` into batch lengths of at most ``size``."""
+    size = max(1, size)
+    return [min(size, n - i) for i in range(0, n, size)]
+
+
+# -- measurement ---------------------------------------------------------------------------------
+
+Measured = tuple[dict[str, float], dict[str, Any]]
+
+
+def run_scenario(system: System, scenario: str, sizes: Sizes) -> Measured:
+    """Measure ``scenario`` on a started ``system``: (figures, extra raw data)."""
+    if scenario in system.unsupported:
+        raise NotApplicable(system.unsupported[scenario])
+    runner = _RUNNERS.get(scenario)
+    if runner is None:
+        raise NotApplicable("not available yet")
+    return runner(system, sizes)
+
+
+def _throughput_apply(system: System, sizes: Sizes) -> Measured:
+    n = sizes.apply_tasks
+    system.apply_burst(min(100, n))  # warm-up
+    t0 = time.perf_counter()
+    system.apply_burst(n)
+    dt = time.perf_counter() - t0
+    return {"tasks_per_s": n / dt}, {"n": n, "seconds": dt}
+
+
+def _throughput_map(system: System, sizes: Sizes) -> Measured:
+    n = sizes.map_elements
+    system.map_noop(min(200, n))  # warm-up (also creates any pool)
+    t0 = time.perf_counter()
+    system.map_noop(n)
+    dt = time.perf_counter() - t0
+    return {"elements_per_s": n / dt}, {"n": n, "seconds": dt}
+
+
+def _latency(system: System, sizes: Sizes) -> Measured:
+    for _ in range(10):  # warm-up
+        system.round_trip()
+    samples: list[float] = []
+    clock = time.perf_counter
+    for _ in range(sizes.latency_round_trips):
+        t0 = clock()
+        system.round_trip()
+        samples.append((clock() - t0) * 1e6)
+    figures = {"median_us": statistics.median(samples), "p99_us": percentile(samples, 99)}
+    extra = {"n": len(samples), "mean_us": statistics.fmean(samples), "samples_us": samples}
+    return figures, extra
+
+
+def _payload(system: System, sizes: Sizes) -> Measured:
+    import numpy as np
+
+    arr = np.random.default_rng(0).random(max(1, sizes.payload_bytes // 8))
+    nbytes = int(arr.nbytes)
+    small = np.zeros(128)
+    system.push_pull(small)  # warm-up both paths
+    system.identity_apply(small)
+    figures: dict[str, float] = {}
+    extra: dict[str, Any] = {"payload_bytes": nbytes}
+    ops: list[tuple[str, Callable[[Any], Any]]] = [
+        ("push_pull", system.push_pull),
+        ("apply", system.identity_apply),
+    ]
+    for label, op in ops:
+        gc.collect()
+        pids = system.controller_pids()
+        with RssSampler(pids) as sampler:
+            t0 = time.perf_counter()
+            out = op(arr)
+            dt = time.perf_counter() - t0
+        trace = sampler.trace
+        if not np.array_equal(out, arr):
+            raise AssertionError(f"{label}: the array came back different")
+        del out
+        figures[f"{label}_gbps"] = 2 * nbytes / dt / GB
+        figures[f"{label}_mem_x"] = trace.growth / nbytes
+        extra[label] = {
+            "seconds": dt,
+            "controller_pids": pids,
+            "baseline_mb": trace.baseline / MB,
+            "peak_mb": trace.peak / MB,
+            "peak_shmem_mb": trace.peak_shmem / MB,
+            "memory_samples": trace.samples,
+        }
+    return figures, extra
+
+
+def _controller_memory(system: System, sizes: Sizes) -> Measured:
+    n, kb = sizes.memory_tasks, sizes.memory_result_kb
+    system.kilobyte_tasks(min(100, n), kb)  # warm-up
+    gc.collect()
+    time.sleep(SETTLE_BEFORE_S)
+    pids = system.controller_pids()
+    before = rss_anon(pids)
+    with RssSampler(pids, interval=0.05) as sampler:
+        t0 = time.perf_counter()
+        for size in batches(n, sizes.batch):
+            system.kilobyte_tasks(size, kb)
+        dt = time.perf_counter() - t0
+        gc.collect()
+        time.sleep(SETTLE_AFTER_S)  # let the controller release what it will release
+    after = rss_anon(pids)
+    growth = (after - before) / MB
+    figures = {"growth_mb_per_100k": growth * 100_000 / n}
+    extra = {
+        "n": n,
+        "result_kb": kb,
+        "controller_pids": pids,
+        "before_mb": before / MB,
+        "after_mb": after / MB,
+        "peak_mb": sampler.trace.peak / MB,
+        "seconds": dt,
+        "tasks_per_s": n / dt,
+    }
+    return figures, extra
+
+
+def _restart(system: System, sizes: Sizes) -> Measured:
+    t0 = time.perf_counter()
+    task_id, expected = system.fill_results(sizes.restart_results)
+    fill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    system.restart_controller()
+    value = system.fetch_result(task_id)
+    dt = time.perf_counter() - t0
+    if value != expected:
+        raise AssertionError(f"get_result({task_id!r}) after restart gave {value!r}, not {expected!r}")
+    return {"restart_s": dt}, {"stored_results": sizes.restart_results, "fill_seconds": fill_s}
+
+
+_RUNNERS: dict[str, Callable[[System, Sizes], Measured]] = {
+    "throughput_apply": _throughput_apply,
+    "throughput_map": _throughput_map,
+    "latency": _latency,
+    "payload": _payload,
+    "controller_memory": _controller_memory,
+    "restart": _restart,
+}
