@@ -147,8 +147,10 @@ def cmd_config(_args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
     try:
-        from benchmarks.cli import main as bench_main
+        bench_main = importlib.import_module("benchmarks.cli").main
     except ImportError:
         print("the benchmark harness ships with the source checkout: run from its top directory",
               file=sys.stderr)

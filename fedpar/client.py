@@ -112,7 +112,8 @@ class _IOThread(threading.Thread):
             if isinstance(item, TaskSpec):
                 specs, allframes = [item], list(frames)
                 size = _nbytes(frames)
-                while out and isinstance(out[0][0], TaskSpec) and len(specs) < SUBMIT_BATCH and size < SUBMIT_BATCH_BYTES:
+                while (out and isinstance(out[0][0], TaskSpec) and len(specs) < SUBMIT_BATCH
+                       and size < SUBMIT_BATCH_BYTES):
                     nxt, nframes, _ = out.popleft()
                     specs.append(nxt)  # type: ignore[arg-type]
                     allframes.extend(nframes)

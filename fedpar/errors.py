@@ -63,7 +63,7 @@ class TransportError(FedparError):
     """A socket could not be bound or connected."""
 
 
-class TimeoutError(FedparError, builtins.TimeoutError):  # noqa: A001 - deliberate, also a builtin
+class TimeoutError(FedparError, builtins.TimeoutError):
     """A wait ran past its deadline. Also an instance of the builtin ``TimeoutError``."""
 
 

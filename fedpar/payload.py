@@ -26,13 +26,11 @@ def _is_plain(obj: object, depth: int = 0) -> bool:
     t = type(obj)
     if t in _PLAIN_TYPES:
         return True
-    if depth < 2 and t in (tuple, list):
-        return len(obj) <= 64 and all(_is_plain(x, depth + 1) for x in obj)  # type: ignore[attr-defined]
-    if depth < 2 and t is dict:
-        return len(obj) <= 64 and all(  # type: ignore[arg-type]
-            type(k) is str and _is_plain(v, depth + 1) for k, v in obj.items()  # type: ignore[attr-defined]
-        )
-    return t.__module__ == "numpy" and t.__name__ == "ndarray" and obj.dtype.hasobject is False  # type: ignore[attr-defined]
+    if depth < 2 and isinstance(obj, (tuple, list)) and t in (tuple, list):
+        return len(obj) <= 64 and all(_is_plain(x, depth + 1) for x in obj)
+    if depth < 2 and isinstance(obj, dict) and t is dict:
+        return len(obj) <= 64 and all(type(k) is str and _is_plain(v, depth + 1) for k, v in obj.items())
+    return t.__module__ == "numpy" and t.__name__ == "ndarray" and not getattr(obj, "dtype").hasobject  # noqa: B009
 
 
 def dumps(obj: Any) -> list[Any]:

@@ -58,7 +58,7 @@ def bind_router(ctx: zmq.Context[Any], host: str = "127.0.0.1") -> tuple[zmq.Soc
 
 def connect_dealer(ctx: zmq.Context[Any], endpoint: str, identity: bytes) -> zmq.Socket[Any]:
     """A DEALER with a fixed identity, connected to ``endpoint``."""
-    sock = ctx.socket(zmq.DEALER)
+    sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
     _tune(sock)
     sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)

@@ -89,7 +89,7 @@ class View:
     def _map_chunks(self, f: Callable[..., Any], seqs: list[Sequence[Any]], bounds: list[tuple[int, int]],
                     targets: Sequence[int | None]) -> AsyncResult:
         fn = _PICKLES.get(f)
-        items = [
+        items: list[tuple[str, int | None, list[Any], dict[str, Any]]] = [
             ("map", target, [fn, *dumps(tuple(s[a:b] for s in seqs))], {})
             for (a, b), target in zip(bounds, targets, strict=True)
         ]
@@ -128,7 +128,7 @@ class ParallelFunction(RemoteFunction):
     """
 
     def __call__(self, *sequences: Any, **kwargs: Any) -> Any:
-        seqs, n = _as_seqs(sequences)
+        seqs, _n = _as_seqs(sequences)
         view = self.view
         if isinstance(view, DirectView):
             targets: list[int | None] = list(view._targets())
@@ -136,11 +136,12 @@ class ParallelFunction(RemoteFunction):
             targets = [None] * max(1, len(view.client.ids))
         parts = [_partition(s, len(targets)) for s in seqs]
         fn = _PICKLES.get(self.func)
-        items = [
+        items: list[tuple[str, int | None, list[Any], dict[str, Any]]] = [
             ("apply", t, [fn, *dumps((tuple(p[i] for p in parts), kwargs))], {})
             for i, t in enumerate(targets) if len(parts[0][i])
         ]
-        ar = view.client._submit(items, retries=view.retries, reduce=concat, label=f"parallel {self.__name__}")
+        label = f"parallel {getattr(self.func, '__name__', 'function')}"
+        ar = view.client._submit(items, retries=view.retries, reduce=concat, label=label)
         return ar.get() if (view.block if self.block is None else self.block) else ar
 
     def map(self, *sequences: Any) -> Any:
@@ -156,9 +157,10 @@ class DirectView(View):
 
     def _targets(self) -> list[int]:
         t = self.targets
-        ids = self.client.ids if t == "all" else [t] if isinstance(t, int) else list(t)  # type: ignore[list-item]
+        ids = self.client.ids if isinstance(t, str) else [t] if isinstance(t, int) else list(t)
         if not ids:
-            raise NoEnginesError("no engines are registered; start some or wait with client.wait_for_engines(n)")
+            raise NoEnginesError("no engines are registered; start some or wait for them with "
+                                 "client.wait_for_engines(n)")
         return ids
 
     @property
@@ -210,7 +212,9 @@ class DirectView(View):
         """Split ``seq`` into contiguous parts, one per target engine, stored as ``name`` on each."""
         targets = self._targets()
         parts = _partition(seq, len(targets))
-        items = [("push", t, dumps({name: part}), {}) for t, part in zip(targets, parts, strict=True)]
+        items: list[tuple[str, int | None, list[Any], dict[str, Any]]] = [
+            ("push", t, dumps({name: part}), {}) for t, part in zip(targets, parts, strict=True)
+        ]
         ar = self.client._submit(items, reduce=lambda _v: None, label="scatter")
         return ar.get() if (self.block if block is None else block) else ar
 

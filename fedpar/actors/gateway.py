@@ -127,7 +127,7 @@ class Gateway:
         next_check = time.monotonic() + self.heartbeat / 2
         while self._running:
             timeout = 0.0 if self._has_work() else max(0.0, next_check - time.monotonic())
-            ready = dict(poller.poll(timeout * 1000))
+            ready = dict(poller.poll(int(timeout * 1000)))
             now = time.time()
             if self.waker.fileno() in ready:
                 self.waker.drain()

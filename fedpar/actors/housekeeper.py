@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 TICK = "tick"
 
 
-class Housekeeper(pykka.ThreadingActor):  # type: ignore[misc]
+class Housekeeper(pykka.ThreadingActor):
     """Periodic store sync, replay-mark persistence, retention and parent watch."""
 
     def __init__(self, gateway: Gateway, *, interval: float = 1.0, retention: float = 0.0,
@@ -44,7 +44,7 @@ class Housekeeper(pykka.ThreadingActor):  # type: ignore[misc]
             self._timer.cancel()
 
     def on_failure(self, *exc_info: Any) -> None:
-        log.error("housekeeper failed", exc_info=exc_info)  # noqa: LOG014
+        log.error("housekeeper failed", exc_info=exc_info)
 
     def _schedule(self) -> None:
         self._timer = threading.Timer(self.interval, self._tick_later)

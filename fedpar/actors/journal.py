@@ -55,7 +55,7 @@ class Journal:
     def task_finished(self, task: Task, res: ResultSpec, frames: Sequence[Any]) -> None:
         rec = ResultRecord(
             res.task_id, res.ok, res.engine, res.started, res.completed,
-            tuple(res.error) if res.error is not None else None,
+            (res.error[0], res.error[1], res.error[2]) if res.error is not None else None,
             tuple(memoryview(f).nbytes for f in frames),
         )
         self._state.put_result(rec, frames)

@@ -63,23 +63,20 @@ class LocalLauncher:
         return cmd
 
     def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen[bytes]:
-        out: int | object = subprocess.DEVNULL
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        try:
-            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,  # type: ignore[arg-type]
+        if self.log_dir is None:
+            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.log_dir / f"{name}.log", "ab") as out:  # the child keeps its own copy of the fd
+            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        finally:
-            if out is not subprocess.DEVNULL:
-                out.close()  # type: ignore[attr-defined]
 
     def start_controller(self, *, wait: float = 30.0) -> ConnectionInfo:
         try:
             self.connection_file.unlink()
         except FileNotFoundError:
             pass
-        cmd = self._base("controller") + ["--cluster-id", self.cluster_id, "--state-dir", str(self.state_dir)]
+        cmd = [*self._base("controller"), "--cluster-id", self.cluster_id, "--state-dir", str(self.state_dir)]
         if self.parent_pid is not None:
             cmd += ["--parent-pid", str(self.parent_pid)]
         self.controller = self._spawn(cmd, "controller")

@@ -457,12 +457,8 @@ def test_async_result_basics(client):
     assert m.elapsed == e1  # frozen once done
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="BUG: AsyncResult.wait() returns True before the Future is marked "
-           "done, so ready()/get(timeout=0) right after wait() can fail (results.py _deliver "
-           "notifies waiters before _finish sets the result)"
-)
+# Regression: wait() used to return once all results were delivered but before the Future was marked
+# done, so ready()/get(timeout=0) right after it could fail (fixed in results.py AsyncResult.wait).
 def test_ready_right_after_wait(client, monkeypatch):
     real_finish = AsyncResult._finish
 
@@ -590,15 +586,30 @@ def test_get_result_unknown_id(client):
     assert all(isinstance(e, fedpar.ResultNotFound) for e in many.value.errors)
 
 
+# Regression: an id longer than the store's key limit used to make the controller drop the request
+# (HandlerError) and the client waited forever.
+def test_get_result_overlong_id_fails_cleanly(cluster):
+    with cluster.connect_client() as client:
+        t0 = time.monotonic()
+        with pytest.raises(fedpar.FedparError) as info:
+            client.get_result("x" * 500, block=True, timeout=5)
+        assert not isinstance(info.value, fedpar.TimeoutError)
+        assert time.monotonic() - t0 < 4
+        assert client.status()["dropped"].get("HandlerError", 0) == 0
+
+
 @pytest.mark.xfail(
-    strict=True, raises=fedpar.TimeoutError,
-    reason="BUG: get_result with an id longer than 480 utf-8 bytes never "
-           "answers: the store's task_key raises ValueError inside the gateway's GetResults "
-           "handler (gateway.py _on_get_results), the request is dropped as HandlerError"
+    strict=True, raises=AssertionError,
+    reason="BUG (low): client.get_result registers the AsyncResult in Client._waiting before GetResults(ids) "
+           "validates the ids (client.py get_result); when the constructor raises MalformedMessage the "
+           "entry is never removed, so client.outstanding keeps the id and client.wait() never returns True"
 )
-def test_get_result_overlong_id_fails_cleanly(client):
-    with pytest.raises(fedpar.ResultNotFound):
-        client.get_result("x" * 500, block=True, timeout=2)
+def test_get_result_invalid_id_leaves_nothing_outstanding(cluster):
+    with cluster.connect_client() as client:
+        with pytest.raises(fedpar.FedparError):
+            client.get_result("x" * 500)
+        assert client.outstanding == set()
+        assert client.wait(timeout=1) is True
 
 
 # ------------------------------------------------------------------------------------------ status & wait
@@ -763,12 +774,8 @@ class _OsWithWakeDuringRead:
         return getattr(os, name)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=fedpar.ControllerUnavailable,
-    reason="BUG: lost wakeup in transport.Waker: drain() clears _armed before reading the pipe, so a "
-           "wake() landing in between is consumed while _armed stays True; every later wake() is "
-           "skipped and the client's I/O thread never sends again (the gateway uses the same Waker)"
-)
+# Regression: transport.Waker.drain() cleared _armed before reading the pipe; a wake() in between was
+# consumed while _armed stayed True, so every later wake() was skipped and the client hung for good.
 def test_client_survives_wake_during_drain(cluster, monkeypatch):
     import fedpar.transport
 
