@@ -94,7 +94,7 @@ class _IOThread(threading.Thread):
                 if self.sock in ready:
                     for _ in range(1024):
                         try:
-                            parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            parts = self.sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
                         self._on_message(parts)

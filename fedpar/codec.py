@@ -107,7 +107,7 @@ class Codec:
             raise MalformedMessage(f"MAC frame has {len(mac)} bytes, expected {MAC_BYTES}")
         if len(header) > MAX_HEADER_BYTES:
             raise MalformedMessage(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
-        frames = [_buf(p) for p in parts[start + 3:]]
+        frames = parts[start + 3:] if type(parts[-1]) is bytes else [_buf(p) for p in parts[start + 3:]]
         self.signer.verify(mac, header, frames)
         try:
             head = msgpack.unpackb(header, raw=False, strict_map_key=True, max_bin_len=MAX_HEADER_BYTES)
@@ -121,7 +121,7 @@ class Codec:
         expected = payload_frame_count(msg)
         if expected != len(frames):
             raise MalformedMessage(f"{env.kind}: items declare {expected} payload frames, got {len(frames)}")
-        return Received(env, msg, list(parts[start + 3:]))
+        return Received(env, msg, list(frames))
 
 
 def _envelope(head: dict[Any, Any]) -> Envelope:

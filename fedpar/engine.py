@@ -88,7 +88,7 @@ class Engine:
             sock.send_multipart(parts)
             if sock.poll(1000):
                 try:
-                    rx = codec.decode(sock.recv_multipart(copy=False))
+                    rx = codec.decode(sock.recv_multipart())
                 except ProtocolError as exc:
                     raise ControllerUnavailable(f"controller answered with a bad message: {exc}") from exc
                 if isinstance(rx.msg, EngineWelcome):
@@ -110,7 +110,7 @@ class Engine:
                     results, frames = [], []
                 continue
             try:
-                rx = codec.decode(sock.recv_multipart(copy=False))
+                rx = codec.decode(sock.recv_multipart())
             except ProtocolError as exc:
                 log.warning("dropped a bad message on the task socket: %s", exc)
                 continue
@@ -201,7 +201,7 @@ class Engine:
                     if not sock.poll(int(left * 1000) + 1):
                         break
                     try:
-                        rx = codec.decode(sock.recv_multipart(copy=False))
+                        rx = codec.decode(sock.recv_multipart())
                     except ProtocolError as exc:
                         log.warning("dropped a bad control message: %s", exc)
                         continue

@@ -147,10 +147,10 @@ class Gateway:
     def _drain(self, sock: zmq.Socket[Any], handle: Callable[[bytes, Received, float], None], now: float) -> None:
         for _ in range(self.batch):
             try:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                parts = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            ident = parts[0].bytes
+            ident = parts[0]
             try:
                 received = self.codec.decode(parts, 1)
             except ProtocolError as exc:

@@ -24,33 +24,45 @@ from fedpar.store.records import ASSIGNED, DONE, FAILED, QUEUED, EngineRecord, R
 log = logging.getLogger(__name__)
 
 
-def task_record(task: Task, state: str, completed: float | None = None) -> TaskRecord:
-    return TaskRecord(
+def task_row(task: Task, state: str, completed: float | None = None) -> list[Any]:
+    """The stored form of a task: ``TaskRecord.to_row()`` order, built without a record object."""
+    return [
         task.task_id, task.client, task.op, task.target, state, task.engine, task.submitted,
         task.assigned, completed, task.attempts, task.retries, task.spec,
-    )
+    ]
+
+
+def task_record(task: Task, state: str, completed: float | None = None) -> TaskRecord:
+    return TaskRecord.from_row(task_row(task, state, completed))
 
 
 class Journal:
-    """Batches store writes for one pass of the gateway loop."""
+    """Batches store writes for one pass of the gateway loop.
+
+    A task's record is written once per pass, in its latest state (a task accepted and dispatched in
+    the same pass is stored as assigned, never first as queued).
+    """
 
     def __init__(self, store: LmdbStore):
         self.store = store
         self._state = store.batch()
         self._submits = store.batch()
         self._submitted: list[Task] = []
+        self._new_rows: dict[str, list[Any]] = {}  # rows of tasks submitted this pass
+        self._rows: dict[str, list[Any]] = {}  # rows of older tasks that changed this pass
         self.unstored_results = 0  # results delivered although the store refused them
 
     def task_queued(self, task: Task) -> None:
-        self._submits.put_task(task_record(task, QUEUED))
+        self._new_rows[task.task_id] = task_row(task, QUEUED)
         self._submits.put_inputs(task.task_id, task.frames or ())
         self._submitted.append(task)
 
     def task_assigned(self, task: Task) -> None:
-        self._state.put_task(task_record(task, ASSIGNED))
+        rows = self._new_rows if task.task_id in self._new_rows else self._rows
+        rows[task.task_id] = task_row(task, ASSIGNED)
 
     def task_requeued(self, task: Task) -> None:
-        self._state.put_task(task_record(task, QUEUED))
+        self._rows[task.task_id] = task_row(task, QUEUED)
 
     def task_finished(self, task: Task, res: ResultSpec, frames: Sequence[Any]) -> None:
         rec = ResultRecord(
@@ -59,7 +71,7 @@ class Journal:
             tuple(memoryview(f).nbytes for f in frames),
         )
         self._state.put_result(rec, frames)
-        self._state.put_task(task_record(task, DONE if res.ok else FAILED, res.completed))
+        self._rows[task.task_id] = task_row(task, DONE if res.ok else FAILED, res.completed)
 
     def engine(self, rec: EngineRecord) -> None:
         self._state.put_engine(rec)
@@ -73,14 +85,20 @@ class Journal:
     @property
     def pending(self) -> bool:
         """True when writes wait for the next commit."""
-        return bool(self._state or self._submits)
+        return bool(self._state or self._submits or self._rows or self._new_rows)
 
     def commit(self) -> tuple[list[Task], str]:
         """Commit the pass. Returns the submissions refused (and why); empty when all landed."""
         state, submits, submitted = self._state, self._submits, self._submitted
+        for tid, row in self._rows.items():
+            state.put_task_row(tid, row)
+        for tid, row in self._new_rows.items():
+            submits.put_task_row(tid, row)
         self._state = self.store.batch()
         self._submits = self.store.batch()
         self._submitted = []
+        self._rows = {}
+        self._new_rows = {}
         if state:
             try:
                 self.store.commit(state)

@@ -57,7 +57,11 @@ class WriteBatch:
 
     def put_task(self, rec: TaskRecord) -> None:
         """Store (or replace) a task record."""
-        self._ops.append((_PUT, self._store._tasks, S.task_key(rec.task_id), self._pack(rec.to_row())))
+        self.put_task_row(rec.task_id, rec.to_row())
+
+    def put_task_row(self, task_id: str, row: list[Any]) -> None:
+        """Store (or replace) a task record given as ``TaskRecord.to_row()`` (no record object built)."""
+        self._ops.append((_PUT, self._store._tasks, S.task_key(task_id), self._pack(row)))
 
     def put_inputs(self, task_id: str, frames: Sequence[S.Frame]) -> None:
         """Store a task's input frames (replacing any stored before). Zero frames store nothing."""

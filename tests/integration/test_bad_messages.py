@@ -408,7 +408,7 @@ def test_client_with_wrong_key_fails_fast(cluster, client):
     with pytest.raises(fedpar.ControllerUnavailable, match="cluster key"):
         fedpar.Client(bad, timeout=2)
     took = time.monotonic() - t0
-    assert 1.5 < took < 5
+    assert 1.5 < took < 8
     expect_drops(client, before, {"SignatureError": 1})
     assert_serving(client)
 

@@ -228,7 +228,7 @@ def test_busy_engine_stops_on_sigterm(procs, tmp_path):
         time.sleep(0.2)  # inside time.sleep on the engine
         eng.send_signal(signal.SIGTERM)
         try:
-            assert eng.wait(5) == 0
+            assert eng.wait(4) == 0
         finally:
             with pytest.raises(fedpar.TaskError):  # EngineError, or the interrupted task's RemoteError
                 busy.get(timeout=20)
