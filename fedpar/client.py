@@ -48,7 +48,7 @@ from fedpar.protocol import (
 )
 from fedpar.results import AsyncResult, as_list, first
 from fedpar.runtime import ConnectionInfo, read_connection_file
-from fedpar.transport import Waker, connect_dealer
+from fedpar.transport import NOBLOCK, Waker, connect_dealer, recv_parts, send_parts
 
 if TYPE_CHECKING:
     from fedpar.executor import FedparExecutor
@@ -94,7 +94,7 @@ class _IOThread(threading.Thread):
                 if self.sock in ready:
                     for _ in range(1024):
                         try:
-                            parts = self.sock.recv_multipart(zmq.NOBLOCK)
+                            parts = recv_parts(self.sock, NOBLOCK)
                         except zmq.Again:
                             break
                         self._on_message(parts)
@@ -126,7 +126,7 @@ class _IOThread(threading.Thread):
         parts, rid = self.codec.encode(msg, frames)
         if reply is not None:
             self.replies[rid] = reply
-        self.sock.send_multipart(parts, copy=False)
+        send_parts(self.sock, parts)
 
     def _on_message(self, parts: list[Any]) -> None:
         try:

@@ -25,7 +25,7 @@ from fedpar.errors import ControllerUnavailable, ProtocolError
 from fedpar.payload import FunctionCache, describe_exception, dumps, dumps_result, loads
 from fedpar.protocol import EngineHello, EngineStop, EngineWelcome, Heartbeat, Results, ResultSpec, Tasks
 from fedpar.runtime import ConnectionInfo
-from fedpar.transport import connect_dealer
+from fedpar.transport import connect_dealer, recv_parts, send_parts
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,10 @@ class Engine:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             parts, _rid = codec.encode(hello)
-            sock.send_multipart(parts)
+            send_parts(sock, parts)
             if sock.poll(1000):
                 try:
-                    rx = codec.decode(sock.recv_multipart())
+                    rx = codec.decode(recv_parts(sock))
                 except ProtocolError as exc:
                     raise ControllerUnavailable(f"controller answered with a bad message: {exc}") from exc
                 if isinstance(rx.msg, EngineWelcome):
@@ -110,7 +110,7 @@ class Engine:
                     results, frames = [], []
                 continue
             try:
-                rx = codec.decode(sock.recv_multipart())
+                rx = codec.decode(recv_parts(sock))
             except ProtocolError as exc:
                 log.warning("dropped a bad message on the task socket: %s", exc)
                 continue
@@ -135,7 +135,7 @@ class Engine:
 
     def _send_results(self, sock: zmq.Socket[Any], codec: Codec, results: list[ResultSpec], frames: list[Any]) -> None:
         parts, _ = codec.encode(Results(results), frames)
-        sock.send_multipart(parts, copy=False)
+        send_parts(sock, parts)
 
     # ------------------------------------------------------------------ tasks
     def _run_task(self, task_id: str, op: str, spec: dict[str, Any], frames: list[Any]) -> tuple[ResultSpec, list[Any]]:
@@ -195,13 +195,13 @@ class Engine:
         try:
             while not self._stop.is_set():
                 parts, _ = codec.encode(Heartbeat(self.engine_id))
-                sock.send_multipart(parts)
+                send_parts(sock, parts)
                 deadline = time.monotonic() + heartbeat
                 while not reason and (left := deadline - time.monotonic()) > 0:
                     if not sock.poll(int(left * 1000) + 1):
                         break
                     try:
-                        rx = codec.decode(sock.recv_multipart())
+                        rx = codec.decode(recv_parts(sock))
                     except ProtocolError as exc:
                         log.warning("dropped a bad control message: %s", exc)
                         continue

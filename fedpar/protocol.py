@@ -30,10 +30,17 @@ def valid_task_id(task_id: object) -> bool:
     """A task id is a str of 1-256 UTF-8 bytes without NUL (it is an LMDB key prefix)."""
     if not isinstance(task_id, str) or not task_id or "\x00" in task_id:
         return False
+    if len(task_id) <= MAX_TASK_ID_BYTES // 4:  # at most 4 UTF-8 bytes per character: surely short enough
+        return task_id.isascii() or _encodes(task_id)
+    return _encodes(task_id) and len(task_id.encode()) <= MAX_TASK_ID_BYTES
+
+
+def _encodes(task_id: str) -> bool:
     try:
-        return len(task_id.encode()) <= MAX_TASK_ID_BYTES
+        task_id.encode()
     except UnicodeEncodeError:  # lone surrogates
         return False
+    return True
 
 
 class TaskSpec(NamedTuple):

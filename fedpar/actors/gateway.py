@@ -46,7 +46,7 @@ from fedpar.protocol import (
 )
 from fedpar.registry import EngineRegistry
 from fedpar.scheduler import Scheduler, Task
-from fedpar.transport import Waker
+from fedpar.transport import NOBLOCK, Waker, recv_parts, send_parts
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class Gateway:
     def _drain(self, sock: zmq.Socket[Any], handle: Callable[[bytes, Received, float], None], now: float) -> None:
         for _ in range(self.batch):
             try:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
+                parts = recv_parts(sock, NOBLOCK)
             except zmq.Again:
                 return
             ident = parts[0]
@@ -387,7 +387,7 @@ class Gateway:
     def _send(self, sock: zmq.Socket[Any], ident: bytes, msg: Message, frames: list[Any] | None = None) -> bool:
         parts, _ = self.codec.encode(msg, frames or ())
         try:
-            sock.send_multipart([ident, *parts], copy=False)
+            send_parts(sock, [ident, *parts])
             return True
         except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer is gone
             if sock is self.client_sock:
