@@ -54,7 +54,7 @@ class Journal:
 
     def task_queued(self, task: Task) -> None:
         self._new_rows[task.task_id] = task_row(task, QUEUED)
-        self._submits.put_inputs(task.task_id, task.frames or ())
+        self._submits.put_inputs(task.task_id, task.frames or (), fresh=True)
         self._submitted.append(task)
 
     def task_assigned(self, task: Task) -> None:

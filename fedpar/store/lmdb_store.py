@@ -63,10 +63,14 @@ class WriteBatch:
         """Store (or replace) a task record given as ``TaskRecord.to_row()`` (no record object built)."""
         self._ops.append((_PUT, self._store._tasks, S.task_key(task_id), self._pack(row)))
 
-    def put_inputs(self, task_id: str, frames: Sequence[S.Frame]) -> None:
-        """Store a task's input frames (replacing any stored before). Zero frames store nothing."""
+    def put_inputs(self, task_id: str, frames: Sequence[S.Frame], *, fresh: bool = False) -> None:
+        """Store a task's input frames (replacing any stored before). Zero frames store nothing.
+
+        ``fresh=True`` promises that nothing is stored for this task yet (a new submission), which saves
+        looking for old frames to replace.
+        """
         prefix = S.chunk_prefix(S.task_key(task_id))
-        self._ops.append((_PUT_INPUTS, prefix, [S.flat_frame(f) for f in frames]))
+        self._ops.append((_PUT_INPUTS, prefix, [S.flat_frame(f) for f in frames], fresh))
 
     def delete_inputs(self, task_id: str) -> None:
         """Delete a task's input frames, if any."""
@@ -294,7 +298,8 @@ class LmdbStore:
             if code == _PUT:
                 txn.put(op[2], op[3], db=op[1])
             elif code == _PUT_INPUTS:
-                S.delete_prefix(icur, op[1])
+                if not op[3]:
+                    S.delete_prefix(icur, op[1])
                 S.put_frames(txn, inputs, op[1], op[2])
             elif code == _PUT_RESULT:
                 _, key, row, ckey, ok, frames = op

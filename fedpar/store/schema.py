@@ -22,7 +22,9 @@ Sub-databases (all keys and values are bytes; integers are big-endian so keys so
 
 Payload frames are split into chunks of at most :data:`CHUNK` bytes; every frame has at least one chunk
 (a zero-length frame has one empty chunk), so frame boundaries survive a round trip (helpers at the end
-of this module write, read and delete them). Task ids never
+of this module write, read and delete them). The frames of one task that together hold at most
+:data:`PACK_LIMIT` bytes (the common case: a function and its arguments) are stored as one msgpack list
+under the single key ``prefix + PACKED``: one B-tree insert instead of one per frame. Task ids never
 contain ``"\\x00"``, which makes ``task id + b"\\x00"`` an unambiguous key prefix.
 
 Change :data:`SCHEMA_VERSION` whenever a key layout or a record's field order changes.
@@ -32,6 +34,8 @@ from __future__ import annotations
 
 import struct
 from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import msgpack  # type: ignore[import-untyped, unused-ignore]
 
 if TYPE_CHECKING:
     import lmdb
@@ -62,6 +66,8 @@ MAX_ID_BYTES: Final = 480
 
 U64: Final = struct.Struct(">Q")
 FRAME_CHUNK: Final = struct.Struct(">II")
+PACKED: Final = FRAME_CHUNK.pack(0xFFFFFFFF, 0)  # key suffix of a task's frames packed into one value
+PACK_LIMIT: Final = 64 * 1024
 _U64_MAX: Final = (1 << 64) - 1
 
 
@@ -178,6 +184,9 @@ def delete_prefix(cur: lmdb.Cursor[bytes], prefix: bytes) -> None:
 
 def put_frames(txn: lmdb.Transaction[bytes], db: Any, prefix: bytes, frames: list[ByteBuf]) -> None:
     """Write ``frames`` (flat, see :func:`flat_frame`) as chunks under ``prefix``."""
+    if len(frames) > 1 and sum(len(f) for f in frames) <= PACK_LIMIT:
+        txn.put(prefix + PACKED, msgpack.packb([bytes(f) for f in frames], use_bin_type=True), db=db)
+        return
     pack = FRAME_CHUNK.pack
     for i, f in enumerate(frames):
         n = len(f)
@@ -200,6 +209,9 @@ def get_frames(txn: lmdb.Transaction[bytes], db: Any, prefix: bytes) -> list[byt
     for key, value in cur:
         if not key.startswith(prefix):
             break
+        if key.endswith(PACKED) and len(key) == len(prefix) + len(PACKED):
+            packed: list[bytes] = msgpack.unpackb(value, use_list=True)
+            return packed
         idx = chunk_frame(key)
         if idx != current:
             if parts:
