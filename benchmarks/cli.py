@@ -79,9 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated peers to compare with fedpar, or 'none' (default: %(default)s)",
     )
     run.add_argument("--engines", type=int, default=2, help="engines/workers per cluster (default: 2)")
-    run.add_argument(
-        "--out", type=Path, default=Path("bench-out"), help="output directory (default: %(default)s)"
-    )
+    run.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (default: %(default)s)")
     run.add_argument("--quick", action="store_true", help="small sizes, for CI (e.g. --quick --peers none)")
     run.add_argument("--repeat", type=int, default=None, help="repeats per system (default: 1 quick, 3 full)")
     run.add_argument(

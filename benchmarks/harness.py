@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +38,7 @@ OK = "ok"
 FAILED = frozenset({"error", "timeout"})
 
 Sample = dict[str, Any]
+SampleView = Mapping[str, Any]  # a sample as read back (e.g. from results.json)
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def ratio(fedpar: float | None, peer: float | None) -> float | None:
     return fedpar / peer
 
 
-def summary(samples: Sequence[Sample], systems: Sequence[str], scenarios: Sequence[str]) -> dict[str, Any]:
+def summary(samples: Sequence[SampleView], systems: Sequence[str], scenarios: Sequence[str]) -> dict[str, Any]:
     """``{scenario: {system: {"status", "n_ok", "n_failed", "figures": {key: Stats}}}}``."""
     out: dict[str, Any] = {}
     for sc in scenarios:
@@ -136,7 +137,7 @@ def summary(samples: Sequence[Sample], systems: Sequence[str], scenarios: Sequen
     return out
 
 
-def sample_status(samples: Sequence[Sample]) -> str:
+def sample_status(samples: Sequence[SampleView]) -> str:
     """One word for a scenario-system cell: ``ok``, a failure, or the reason it was skipped."""
     if not samples:
         return "not run"
@@ -144,7 +145,7 @@ def sample_status(samples: Sequence[Sample]) -> str:
         return OK
     failed = [s["status"] for s in samples if s["status"] in FAILED]
     if failed:
-        return failed[0]
+        return str(failed[0])
     return str(samples[0]["status"])
 
 
@@ -157,9 +158,7 @@ def ratios(summ: dict[str, Any], peers: Sequence[str]) -> dict[str, dict[str, di
         for peer in peers:
             theirs = per.get(peer, {}).get("figures", {})
             keys = [f.key for f in SCENARIOS[sc].figures] if sc in SCENARIOS else sorted(theirs)
-            out[sc][peer] = {
-                k: ratio(fed.get(k, {}).get("median"), theirs.get(k, {}).get("median")) for k in keys
-            }
+            out[sc][peer] = {k: ratio(fed.get(k, {}).get("median"), theirs.get(k, {}).get("median")) for k in keys}
     return out
 
 
@@ -306,6 +305,13 @@ def execute_inprocess(spec: dict[str, Any]) -> Sample:
     return sample
 
 
+def execute(spec: dict[str, Any], config: RunConfig, log_path: Path) -> Sample:
+    """Run one sample as configured: in a worker subprocess (default) or in this process."""
+    if config.isolate:
+        return execute_isolated(spec, config.timeout, log_path)
+    return execute_inprocess(spec)
+
+
 # -- the whole run -------------------------------------------------------------------------------
 
 
@@ -343,10 +349,7 @@ def run(config: RunConfig, echo: Callable[[str], None] = print) -> dict[str, Any
         }
         log_path = (out / "logs" / f"{scenario}-{system}-{rep}.log").resolve()
         echo(f"[{scenario}] repeat {rep + 1}/{config.repeat} {system} ...")
-        if config.isolate:
-            sample = execute_isolated(spec, config.timeout, log_path)
-        else:
-            sample = execute_inprocess(spec)
+        sample = execute(spec, config, log_path)
         samples.append(sample)
         echo(f"[{scenario}] repeat {rep + 1}/{config.repeat} {system}: {describe_sample(sample)}")
         report.write_json(out, report.build_results(metadata, config, probes, samples))

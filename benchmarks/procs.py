@@ -20,9 +20,10 @@ TAG_VAR = "FEDPAR_BENCH_TAG"
 def descendants(pid: int | None = None) -> list[psutil.Process]:
     """All live descendants of ``pid`` (default: this process)."""
     try:
-        return psutil.Process(pid if pid is not None else os.getpid()).children(recursive=True)
+        kids: list[psutil.Process] = psutil.Process(pid if pid is not None else os.getpid()).children(recursive=True)
     except psutil.Error:
         return []
+    return kids
 
 
 def with_descendants(pids: list[int]) -> list[int]:
@@ -103,7 +104,7 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
 
 def _running(p: psutil.Process) -> bool:
     try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        return bool(p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 

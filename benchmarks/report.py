@@ -58,14 +58,13 @@ def build_results(
     """The ``results.json`` document; everything the markdown and plots need is in it."""
     from benchmarks.harness import ratios, summary
 
-    summ = summary(list(samples), config.systems, config.scenarios)
+    summ = summary(samples, config.systems, config.scenarios)
     return {
         "schema": SCHEMA,
         "metadata": dict(metadata),
         "config": config.to_json(),
         "systems": {
-            name: {"available": p.available, "status": p.status, "versions": p.versions}
-            for name, p in probes.items()
+            name: {"available": p.available, "status": p.status, "versions": p.versions} for name, p in probes.items()
         },
         "scenarios": {name: scenario_info(name, config.sizes) for name in config.scenarios},
         "samples": [dict(s) for s in samples],
@@ -79,9 +78,7 @@ def scenario_info(name: str, sizes: Sizes) -> dict[str, Any]:
     return {
         "title": sc.title,
         "description": sc.describe(sizes),
-        "figures": [
-            {"key": f.key, "label": f.label, "higher_is_better": f.higher_is_better} for f in sc.figures
-        ],
+        "figures": [{"key": f.key, "label": f.label, "higher_is_better": f.higher_is_better} for f in sc.figures],
     }
 
 
@@ -143,8 +140,7 @@ def render_markdown(doc: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
         f"- versions: {', '.join(f'{k} {v}' for k, v in md.get('versions', {}).items()) or '?'}",
         f"- engines/workers: {cfg['engines']}; repeats: {cfg['repeat']} (systems alternate within each "
         f"repeat); {'quick sizes' if cfg['quick'] else 'full sizes'}; each sample on a fresh cluster",
-        "- systems: "
-        + ", ".join(f"{name} ({info['status']})" for name, info in doc.get("systems", {}).items()),
+        "- systems: " + ", ".join(f"{name} ({info['status']})" for name, info in doc.get("systems", {}).items()),
         "",
         "Values are medians over the repeats, with (min-max) when there was more than one. "
         "↑: higher is better; ↓: lower is better. **fedpar/peer** is fedpar's median divided by "
@@ -325,9 +321,7 @@ def _git_commit() -> str | None:
     """The checked-out commit (read-only ``git rev-parse``), if there is one."""
     root = Path(__file__).resolve().parent.parent
     try:
-        res = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
+        res = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return res.stdout.strip() if res.returncode == 0 else None

@@ -95,9 +95,7 @@ SCENARIOS: dict[str, Scenario] = {
             "throughput_map",
             "Map throughput",
             (Figure("elements_per_s", "elements/s", True),),
-            lambda z: (
-                f"A {z.map_elements:,}-element no-op map with each system's default chunking, gathered."
-            ),
+            lambda z: f"A {z.map_elements:,}-element no-op map with each system's default chunking, gathered.",
         ),
         Scenario(
             "latency",

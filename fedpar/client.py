@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 SUBMIT_BATCH = 4096  # most tasks coalesced into one Submit message
 SUBMIT_BATCH_BYTES = 8 << 20
+PING_INTERVAL = 1.0  # with work outstanding, ping a silent controller this often (detects a restart)
 
 
 def _nbytes(frames: Sequence[Any]) -> int:
@@ -76,6 +77,11 @@ class _IOThread(threading.Thread):
         self.outbox: deque[tuple[Message | TaskSpec, list[Any], Future[Received] | None]] = deque()
         self.replies: dict[int, Future[Received]] = {}
         self.running = True
+        # Tasks sent but not yet acknowledged: sent again if the controller restarts before its ack.
+        self.unacked: dict[str, tuple[TaskSpec, list[Any]]] = {}
+        self.epoch: int | None = None  # the controller incarnation we talk to
+        self.last_heard = time.monotonic()
+        self.last_ping = 0.0
 
     def queue(self, item: Message | TaskSpec, frames: list[Any], reply: Future[Received] | None = None) -> None:
         self.outbox.append((item, frames, reply))
@@ -87,10 +93,15 @@ class _IOThread(threading.Thread):
         poller.register(self.waker.fileno(), zmq.POLLIN)
         try:
             while self.running:
-                ready = dict(poller.poll(1000))
+                ready = dict(poller.poll(int(PING_INTERVAL * 1000)))
                 if self.waker.fileno() in ready:
                     self.waker.drain()
                     self._flush()
+                now = time.monotonic()
+                if (now - self.last_heard > PING_INTERVAL and now - self.last_ping > PING_INTERVAL
+                        and (self.unacked or self.client._waiting)):
+                    self.last_ping = now
+                    self._send(ClientHello(self.client.sender), [], None)
                 if self.sock in ready:
                     for _ in range(1024):
                         try:
@@ -118,6 +129,10 @@ class _IOThread(threading.Thread):
                     specs.append(nxt)  # type: ignore[arg-type]
                     allframes.extend(nframes)
                     size += _nbytes(nframes)
+                pos = 0
+                for spec in specs:
+                    self.unacked[spec.task_id] = (spec, allframes[pos:pos + spec.nframes])
+                    pos += spec.nframes
                 self._send(Submit(specs), allframes, None)
             else:
                 self._send(item, frames, reply)
@@ -135,13 +150,22 @@ class _IOThread(threading.Thread):
             log.warning("dropped a bad message from the controller: %s", exc)
             return
         msg = rx.msg
+        self.last_heard = time.monotonic()
+        if self.epoch != rx.envelope.epoch:
+            if self.epoch is not None:
+                self._resync(rx.envelope.epoch)
+            self.epoch = rx.envelope.epoch
         if isinstance(msg, Results):
             self.client._on_results(msg, rx.frames)
             fut = self.replies.pop(msg.reply_to, None) if msg.reply_to else None
             if fut is not None:
                 fut.set_result(rx)
         elif isinstance(msg, SubmitReply):
+            for tid in msg.accepted:
+                self.unacked.pop(tid, None)
             if msg.rejected:
+                for tid, *_ in msg.rejected:
+                    self.unacked.pop(tid, None)
                 self.client._on_rejected(msg.rejected)
         elif isinstance(msg, EngineEvent):
             self.client._on_engine_event(msg.registered, msg.unregistered)
@@ -150,6 +174,24 @@ class _IOThread(threading.Thread):
             fut = self.replies.pop(rid, None) if isinstance(rid, int) else None
             if fut is not None:
                 fut.set_result(rx)
+
+
+    def _resync(self, epoch: int) -> None:
+        """The controller restarted: send unacknowledged tasks again (flagged, so a task it had already
+        stored is not run twice) and ask again for every result still awaited."""
+        log.warning("controller restarted (epoch %s -> %s); resynchronising %d unacknowledged task(s)",
+                    self.epoch, epoch, len(self.unacked))
+        resend = [spec._replace(spec={**spec.spec, "resubmit": True}) for spec, _ in self.unacked.values()]
+        frames = [f for _, fr in self.unacked.values() for f in fr]
+        for i in range(0, len(resend), SUBMIT_BATCH):
+            chunk = resend[i:i + SUBMIT_BATCH]
+            n = sum(s.nframes for s in resend[:i])
+            m = sum(s.nframes for s in chunk)
+            self._send(Submit(chunk), frames[n:n + m], None)
+        with self.client._wlock:
+            waiting = [tid for tid in self.client._waiting if tid not in self.unacked]
+        for i in range(0, len(waiting), SUBMIT_BATCH):
+            self._send(GetResults(waiting[i:i + SUBMIT_BATCH]), [], None)
 
 
 class Client:

@@ -59,11 +59,13 @@ class Engine:
         self._busy = False
         self._ctx = zmq.Context()
         self._replay_window = replay_window
+        self._task_ident = f"t:{self.uuid}".encode()
+        self._holding: set[str] = set()  # task ids received whose results are not sent yet
 
     # ------------------------------------------------------------------ main thread
     def run(self, register_timeout: float = 30.0) -> int:
         """Serve until stopped. Returns the process exit code."""
-        task_ident = f"t:{self.uuid}".encode()
+        task_ident = self._task_ident
         sock = connect_dealer(self._ctx, self.info.engine_endpoint, task_ident)
         codec = Codec(self.info.key, f"engine:{self.uuid}:t", replay_window=self._replay_window)
         try:
@@ -121,6 +123,7 @@ class Engine:
             if not results:
                 first_pending = time.monotonic()
             pos = 0
+            self._holding.update(spec.task_id for spec in rx.msg.tasks)
             for spec in rx.msg.tasks:
                 tframes = rx.frames[pos:pos + spec.nframes]
                 pos += spec.nframes
@@ -136,6 +139,8 @@ class Engine:
     def _send_results(self, sock: zmq.Socket[Any], codec: Codec, results: list[ResultSpec], frames: list[Any]) -> None:
         parts, _ = codec.encode(Results(results), frames)
         send_parts(sock, parts)
+        for r in results:
+            self._holding.discard(r.task_id)
 
     # ------------------------------------------------------------------ tasks
     def _run_task(self, task_id: str, op: str, spec: dict[str, Any], frames: list[Any]) -> tuple[ResultSpec, list[Any]]:
@@ -188,15 +193,19 @@ class Engine:
 
     # ------------------------------------------------------------------ control thread
     def _control_loop(self, heartbeat: float) -> None:
+        """Heartbeats both ways; re-registers when a restarted controller does not know this engine;
+        stops on ``EngineStop`` or after ``controller_timeout`` seconds of silence."""
         sock = connect_dealer(self._ctx, self.info.engine_endpoint, f"c:{self.uuid}".encode())
         codec = Codec(self.info.key, f"engine:{self.uuid}:c", replay_window=self._replay_window)
         last_ack = time.monotonic()
+        last_hello = 0.0
         reason = ""
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not reason:
                 parts, _ = codec.encode(Heartbeat(self.engine_id))
                 send_parts(sock, parts)
                 deadline = time.monotonic() + heartbeat
+                unknown = False
                 while not reason and (left := deadline - time.monotonic()) > 0:
                     if not sock.poll(int(left * 1000) + 1):
                         break
@@ -205,14 +214,26 @@ class Engine:
                     except ProtocolError as exc:
                         log.warning("dropped a bad control message: %s", exc)
                         continue
-                    if isinstance(rx.msg, Heartbeat):
+                    msg = rx.msg
+                    if isinstance(msg, Heartbeat):
                         last_ack = time.monotonic()
-                    elif isinstance(rx.msg, EngineStop):
-                        reason = rx.msg.reason or "stop requested"
+                        unknown = msg.engine_id == -1
+                    elif isinstance(msg, EngineWelcome):
+                        last_ack = time.monotonic()
+                        if msg.engine_id != self.engine_id:
+                            log.info("engine %d is now engine %d", self.engine_id, msg.engine_id)
+                        self.engine_id = msg.engine_id
+                    elif isinstance(msg, EngineStop):
+                        reason = msg.reason or "stop requested"
+                if unknown and time.monotonic() - last_hello > heartbeat:
+                    # The controller restarted (or lost us): register again and say what we still hold.
+                    last_hello = time.monotonic()
+                    hello = EngineHello(self.uuid, socket.gethostname(), os.getpid(), self._task_ident,
+                                        sorted(self._holding.copy()))
+                    send_parts(sock, codec.encode(hello)[0])
+                    log.info("engine %d registering again (holding %d task(s))", self.engine_id, len(hello.running))
                 if not reason and time.monotonic() - last_ack > self.controller_timeout:
                     reason = f"controller silent for {self.controller_timeout:.0f}s"
-                if reason:
-                    break
         finally:
             sock.close(0)
         if reason:

@@ -254,6 +254,7 @@ class EngineHello(Message):
     hostname: str
     pid: int
     task_identity: bytes
+    running: list[str] = field(default_factory=list)  # task ids received and not yet answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +270,8 @@ class EngineWelcome(Message):
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat(Message):
-    """Sent both ways on the engine's control socket; ``engine_id`` is -1 before registration."""
+    """Sent both ways on the engine's control socket. From the controller, ``engine_id`` -1 means
+    "I do not know you" (it restarted): the engine registers again."""
 
     KIND: ClassVar[str] = "heartbeat"
     engine_id: int

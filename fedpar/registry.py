@@ -23,10 +23,22 @@ class EngineRegistry:
         self._by_task_ident: dict[bytes, int] = {}
         self._control_ident: dict[int, bytes] = {}
         self._last_seen: dict[int, float] = {}
+        self._known: dict[str, int] = {}  # uuid -> id of engines registered before a restart
+
+    def remember(self, records: list[EngineRecord]) -> None:
+        """Engines of a previous incarnation keep their ids when they register again."""
+        for rec in records:
+            self._known[rec.uuid] = rec.engine_id
+            self._next_id = max(self._next_id, rec.engine_id + 1)
+
+    def was_known(self, uuid: str) -> bool:
+        return uuid in self._known
 
     def register(self, uuid: str, hostname: str, pid: int, task_identity: bytes, now: float) -> EngineRecord:
         """Register an engine (or re-register the same uuid, keeping its id)."""
         eid = self._by_uuid.get(uuid)
+        if eid is None:
+            eid = self._known.pop(uuid, None)
         if eid is None:
             eid = self._next_id
             self._next_id += 1

@@ -108,6 +108,11 @@ class Scheduler:
     def engine_ids(self) -> list[int]:
         return sorted(self._engines)
 
+    def outstanding(self, engine_id: int) -> list[Task]:
+        """Tasks assigned to ``engine_id`` and not finished."""
+        eng = self._engines.get(engine_id)
+        return list(eng.outstanding.values()) if eng else []
+
     def engine_load(self, engine_id: int) -> int:
         eng = self._engines.get(engine_id)
         return len(eng.outstanding) + len(eng.direct) if eng else 0
@@ -127,6 +132,12 @@ class Scheduler:
         task.assigned = None
         self._in_flight[task.task_id] = task
         self._queue.appendleft(task)
+
+    def adopt(self, engine_id: int, task: Task) -> None:
+        """Record that ``engine_id`` is already running ``task`` (it said so when it registered again)."""
+        self._in_flight[task.task_id] = task
+        task.engine = engine_id
+        self._engines[engine_id].outstanding[task.task_id] = task
 
     def assign(self, now: float) -> list[tuple[int, list[Task]]]:
         """Decide which queued tasks go to which engine now; marks them assigned."""

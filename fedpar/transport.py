@@ -36,18 +36,31 @@ def _tune(sock: zmq.Socket[Any]) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
 
 
-def bind_router(ctx: zmq.Context[Any], host: str = "127.0.0.1") -> tuple[zmq.Socket[Any], str]:
-    """A ROUTER bound to an OS-chosen port on ``host``; returns the socket and its real endpoint."""
+def bind_router(ctx: zmq.Context[Any], host: str = "127.0.0.1", prefer_port: int | None = None,
+                ) -> tuple[zmq.Socket[Any], str]:
+    """A ROUTER bound on ``host``; returns the socket and its real endpoint.
+
+    ``prefer_port`` (a restarted controller's previous port) is tried first, so peers reconnect to the
+    same endpoint by themselves; otherwise, or if it is taken, the OS picks a free port.
+    """
     sock = ctx.socket(zmq.ROUTER)
     _tune(sock)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     if ":" in host and not host.startswith("["):
         sock.setsockopt(zmq.IPV6, 1)
-        addr = f"tcp://[{host}]:*"
+        base = f"tcp://[{host}]"
     else:
-        addr = f"tcp://{host}:*"
+        base = f"tcp://{host}"
+    addr = f"{base}:*"
+    if prefer_port:
+        try:
+            sock.bind(f"{base}:{prefer_port}")
+            addr = ""
+        except zmq.ZMQError:
+            pass
     try:
-        sock.bind(addr)
+        if addr:
+            sock.bind(addr)
     except zmq.ZMQError as exc:
         sock.close()
         raise TransportError(f"cannot bind {addr}: {exc}") from exc

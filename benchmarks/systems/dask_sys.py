@@ -50,7 +50,7 @@ class DaskSystem(System):
         self._mode = scheduler_mode(self.options.get("dask_scheduler", "auto"), scenario)
         self.notes["scheduler"] = self._mode
         if self._mode == "inprocess":
-            self._cluster = LocalCluster(
+            self._cluster = LocalCluster(  # type: ignore[no-untyped-call]
                 n_workers=n_engines,
                 threads_per_worker=1,
                 processes=True,
@@ -64,9 +64,9 @@ class DaskSystem(System):
                 host="127.0.0.1",
                 n_workers=n_engines,
                 threads_per_worker=1,
-                dashboard_address=None,
+                dashboard_address=None,  # type: ignore[arg-type]  # documented as accepted
             )
-        self._client = Client(self._cluster)
+        self._client = Client(self._cluster)  # type: ignore[no-untyped-call]
         self._client.wait_for_workers(n_engines, timeout=120)
         self._worker0 = sorted(self._client.scheduler_info()["workers"])[0]
 

@@ -44,8 +44,10 @@ from fedpar.protocol import (
     TaskSpec,
     Welcome,
 )
+from fedpar.recovery import Recovery
 from fedpar.registry import EngineRegistry
 from fedpar.scheduler import Scheduler, Task
+from fedpar.store.records import EngineRecord, TaskRecord
 from fedpar.transport import NOBLOCK, Waker, recv_parts, send_parts
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class Gateway:
         self._clients: set[bytes] = set()  # routing ids of clients that said hello
         self._watchers: dict[str, set[bytes]] = {}  # task id -> other clients waiting for it
         self._saved_marks: dict[str, int] = codec.guard.marks()
+        self.recovery = Recovery((), 0.0)
         self._reset_pass()
 
     # ------------------------------------------------------------------ thread-safe entry points
@@ -108,6 +111,26 @@ class Gateway:
             if self._saved_marks.get(sender) != seq:
                 self.journal.mark(sender, seq)
         self._saved_marks = marks
+
+    def recover(self, tasks: list[TaskRecord], engines: list[EngineRecord], now: float, grace: float) -> None:
+        """Resume after a restart: re-queue what was queued, and give the engines that held assigned
+        tasks ``grace`` seconds to register again and say which of them they still run."""
+        self.registry.remember([e for e in engines if e.state == "up"])
+        self.recovery = Recovery(tasks, now + grace)
+        for task in self.recovery.queued:
+            self.scheduler.submit(task)
+        if tasks:
+            log.info("recovered %d unfinished task(s): %d queued again, %d waiting for their engines",
+                     len(tasks), len(self.recovery.queued), len(tasks) - len(self.recovery.queued))
+
+    def _retry_or_fail(self, task: Task, why: str, now: float) -> None:
+        """A task lost its engine: run it again if its policy allows, else fail it with EngineError."""
+        if task.target is None and task.attempts <= task.retries:
+            self.scheduler.requeue(task)
+            self.journal.task_requeued(task)
+        else:
+            policy = f"after {task.attempts} attempt(s) with retries={task.retries}"
+            self._fail(task, ENGINE_LOST, f"{why} ({policy})", now)
 
     # ------------------------------------------------------------------ loop
     def _reset_pass(self) -> None:
@@ -202,8 +225,8 @@ class Gateway:
                      f"engine {spec.target} is not registered (registered: {self.registry.ids()})"]
                 )
                 continue
-            if sched.get(spec.task_id) is not None:  # a resubmission of a task in flight
-                accepted.append(spec.task_id)
+            if spec.spec.get("resubmit") and self._known_task(spec.task_id, ident):
+                accepted.append(spec.task_id)  # sent again after a reconnect: never run twice
                 continue
             task = Task(spec.task_id, sender, spec.op, spec.target, spec.nframes, spec.retries, spec.spec,
                         tframes, now)
@@ -212,6 +235,19 @@ class Gateway:
             self._watch(task.task_id, ident)
             accepted.append(spec.task_id)
             self.counters["submitted"] += 1
+
+    def _known_task(self, task_id: str, ident: bytes) -> bool:
+        """For a resubmitted task: True if it exists already (watched now, or its result queued)."""
+        if self.scheduler.get(task_id) is not None or self.recovery.find(task_id) is not None:
+            self._watch(task_id, ident)
+            return True
+        got = self.journal.store.get_result(task_id)
+        if got is not None:
+            rec, frames = got
+            self._to_clients[ident].append((ResultSpec(rec.task_id, rec.ok, rec.engine, rec.started, rec.completed,
+                                                       list(rec.error) if rec.error else None, len(frames)), frames))
+            return True
+        return False
 
     def _watch(self, task_id: str, ident: bytes) -> None:
         w = self._watchers.get(task_id)
@@ -225,7 +261,7 @@ class Gateway:
         frames: list[Any] = []
         missing: list[str] = []
         for tid in msg.task_ids:
-            if self.scheduler.get(tid) is not None:
+            if self.scheduler.get(tid) is not None or self.recovery.find(tid) is not None:
                 self._watch(tid, ident)  # still running: delivered when it finishes
                 continue
             got = self.journal.store.get_result(tid)
@@ -260,14 +296,15 @@ class Gateway:
                 self.registry.seen(eid, now)
             self._on_results(msg, rx.frames)
         elif isinstance(msg, Heartbeat):
-            if self.registry.seen(msg.engine_id, now, control_identity=ident):
-                self._send(self.engine_sock, ident, Heartbeat(msg.engine_id))
-            else:
-                self._send(self.engine_sock, ident, EngineStop("unknown engine: not registered here"))
+            known = self.registry.seen(msg.engine_id, now, control_identity=ident)
+            self._send(self.engine_sock, ident, Heartbeat(msg.engine_id if known else -1))
         elif isinstance(msg, EngineHello):
+            again = self.registry.was_known(msg.uuid) or msg.uuid in {e.uuid for e in self.registry.engines()}
             rec = self.registry.register(msg.uuid, msg.hostname, msg.pid, msg.task_identity, now)
             self.journal.engine(rec)
             self.scheduler.add_engine(rec.engine_id)
+            if again:
+                self._engine_returned(rec.engine_id, msg.running, now)
             self._events_registered.append(rec.engine_id)
             self._replies.append((self.engine_sock, ident,
                                   EngineWelcome(rx.envelope.id, rec.engine_id, self.heartbeat,
@@ -276,6 +313,22 @@ class Gateway:
         else:
             self.dropped["UnexpectedKind"] += 1
 
+    def _engine_returned(self, eid: int, running: list[str], now: float) -> None:
+        """An engine registered again (after a controller restart or a reconnect)."""
+        holding = set(running)
+        # Tasks this incarnation had assigned to it that it no longer holds were lost on the way.
+        for task in [t for t in self.scheduler.outstanding(eid) if t.task_id not in holding]:
+            self.scheduler.complete(task.task_id, None, None)
+            self._retry_or_fail(task, f"engine {eid} reconnected without task {task.task_id}", now)
+        adopt, lost, held = self.recovery.engine_returned(eid, running)
+        for task in adopt:
+            self.scheduler.adopt(eid, task)
+        for task in lost:
+            self._retry_or_fail(task, f"the controller restarted while task {task.task_id} was on engine {eid}, "
+                                      "which no longer holds it", now)
+        for task in held:
+            self.scheduler.submit(task)
+
     def _on_results(self, msg: Results, frames: list[Any]) -> None:
         pos = 0
         for res in msg.results:
@@ -283,6 +336,8 @@ class Gateway:
             pos += res.nframes
             runtime = res.completed - res.started if res.started is not None else None
             task = self.scheduler.complete(res.task_id, res.engine, runtime)
+            if task is None:
+                task = self.recovery.take(res.task_id)  # finished while the controller was down
             if task is None:
                 self.dropped["DuplicateResult"] += 1
                 continue
@@ -301,6 +356,14 @@ class Gateway:
     def _check_engines(self, now: float) -> None:
         for eid in self.registry.expired(now):
             self._lose_engine(eid, now, f"engine {eid} stopped answering heartbeats")
+        if self.recovery.active:
+            lost, held = self.recovery.expire(now)
+            for task in lost:
+                self._retry_or_fail(task, f"engine {task.engine} did not come back after the controller "
+                                          f"restarted while it held task {task.task_id}", now)
+            for task in held:
+                self._fail(task, ENGINE_LOST, f"engine {task.target} did not come back after the controller "
+                                              f"restarted; direct task {task.task_id} cannot run", now)
 
     def _lose_engine(self, eid: int, now: float, why: str) -> None:
         rec = self.registry.unregister(eid, "dead")
@@ -311,11 +374,7 @@ class Gateway:
         self._events_unregistered.append(eid)
         running, waiting = self.scheduler.remove_engine(eid)
         for task in running:
-            if task.attempts <= task.retries and task.target is None:
-                self.scheduler.requeue(task)
-                self.journal.task_requeued(task)
-            else:
-                self._fail(task, ENGINE_LOST, f"{why} while running task {task.task_id}", now)
+            self._retry_or_fail(task, f"{why} while running task {task.task_id}", now)
         for task in waiting:
             self._fail(task, ENGINE_LOST, f"{why} before task {task.task_id} could run", now)
 

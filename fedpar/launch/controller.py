@@ -6,6 +6,7 @@ the same state directory keeps its key and clients and engines can reconnect.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -32,6 +33,20 @@ from fedpar.transport import bind_router, is_loopback, publish_host
 log = logging.getLogger(__name__)
 
 KEY_FILE = "cluster.key"
+ENDPOINTS_FILE = "endpoints.json"
+
+
+def _previous_ports(state_dir: Path) -> dict[str, int]:
+    """Ports this state directory's controller used last time (reused so peers reconnect by themselves)."""
+    try:
+        data = json.loads((state_dir / ENDPOINTS_FILE).read_text())
+        return {k: int(v) for k, v in data.items() if k in ("client", "engine")}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def _port(endpoint: str) -> int:
+    return int(endpoint.rsplit(":", 1)[1])
 
 
 def load_or_create_key(state_dir: Path, given: bytes | None = None) -> bytes:
@@ -75,8 +90,10 @@ def run_controller(
     epoch = store.next_epoch()
     controller_id = f"{cluster_id}.{secrets.token_hex(3)}"
     ctx: zmq.Context[Any] = zmq.Context()
-    client_sock, client_ep = bind_router(ctx, host)
-    engine_sock, engine_ep = bind_router(ctx, host)
+    previous = _previous_ports(state_dir)
+    client_sock, client_ep = bind_router(ctx, host, previous.get("client"))
+    engine_sock, engine_ep = bind_router(ctx, host, previous.get("engine"))
+    (state_dir / ENDPOINTS_FILE).write_text(json.dumps({"client": _port(client_ep), "engine": _port(engine_ep)}))
     pub = publish_host(host)
     client_ep = client_ep.replace(f"//{host}:", f"//{pub}:") if pub != host else client_ep
     engine_ep = engine_ep.replace(f"//{host}:", f"//{pub}:") if pub != host else engine_ep
@@ -91,6 +108,8 @@ def run_controller(
         journal=Journal(store), registry=registry, scheduler=Scheduler(config.engines.prefetch),
         heartbeat=config.controller.heartbeat, batch=config.controller.batch,
     )
+    timeout = config.controller.heartbeat * config.controller.heartbeat_misses
+    gateway.recover(store.unfinished_tasks(), engines, time.time(), grace=max(2 * timeout, 10.0))
     info = ConnectionInfo(
         cluster_id=cluster_id, key=key, client_endpoint=client_ep, engine_endpoint=engine_ep,
         controller_id=controller_id, controller_pid=os.getpid(), state_dir=str(state_dir),

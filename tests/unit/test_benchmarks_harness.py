@@ -36,7 +36,7 @@ def sample(scenario: str, system: str, repeat: int, status: str = "ok", **figure
 
 
 def probes(*unavailable: str) -> dict[str, Probe]:
-    out = {}
+    out: dict[str, Probe] = {}
     for name in ("fedpar", "ipyparallel", "dask", "ray"):
         if name in unavailable:
             out[name] = Probe(name, False, "not installed")
