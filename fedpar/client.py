@@ -36,6 +36,9 @@ from fedpar.protocol import (
     ErrorReply,
     GetResults,
     Message,
+    PurgeReply,
+    PurgeResults,
+    QueryTasks,
     Results,
     Shutdown,
     ShutdownReply,
@@ -43,11 +46,13 @@ from fedpar.protocol import (
     StatusRequest,
     Submit,
     SubmitReply,
+    TaskList,
     TaskSpec,
     Welcome,
 )
 from fedpar.results import AsyncResult, as_list, first
 from fedpar.runtime import ConnectionInfo, read_connection_file
+from fedpar.store.records import TaskRecord
 from fedpar.transport import NOBLOCK, Waker, connect_dealer, recv_parts, send_parts
 
 if TYPE_CHECKING:
@@ -293,12 +298,15 @@ class Client:
             with self._wlock:
                 waiters = self._waiting.pop(tid, ())
             cls = getattr(errors, ename, None)
-            exc = cls(evalue, task_id=tid) if isinstance(cls, type) and issubclass(cls, errors.TaskError) else None
+            exc: FedparError
+            if isinstance(cls, type) and issubclass(cls, errors.TaskError):
+                exc = cls(evalue, task_id=tid)
+            elif isinstance(cls, type) and issubclass(cls, FedparError):
+                exc = cls(evalue)  # e.g. StoreFull: the controller could not store the submission
+            else:
+                exc = errors.TaskAborted(f"{ename}: {evalue}", task_id=tid)
             for ar, i in waiters:
-                if exc is not None:
-                    ar._fail(i, exc)
-                else:
-                    ar._fail(i, errors.TaskAborted(f"{ename}: {evalue}", task_id=tid))
+                ar._fail(i, exc)
 
     def _on_engine_event(self, registered: Iterable[int], unregistered: Iterable[int]) -> None:
         with self._engines_cond:
@@ -389,6 +397,36 @@ class Client:
         }
 
     queue_status = status
+
+    def query_tasks(self, *, states: Sequence[str] | None = None, engine: int | None = None,
+                    since: float | None = None, until: float | None = None, limit: int = 1000,
+                    timeout: float = 30.0) -> list[TaskRecord]:
+        """Task records from the controller's store, oldest first.
+
+        ``states`` picks among ``"queued"``, ``"assigned"``, ``"done"``, ``"failed"``; ``engine`` the engine
+        that ran (or runs) the task; ``since``/``until`` bound the submission time (``time.time()`` values).
+        """
+        reply = self._request(QueryTasks(list(states) if states is not None else None, engine, since, until,
+                                         limit), timeout)
+        assert isinstance(reply, TaskList)
+        return [TaskRecord.from_row(r) for r in reply.rows]
+
+    def purge_results(self, jobs: str | Sequence[str] | AsyncResult | None = None, *, before: float | None = None,
+                      everything: bool = False, timeout: float = 30.0) -> int:
+        """Delete finished tasks from the controller's store: given ids (or an AsyncResult's), those finished
+        before ``before`` (a ``time.time()`` value), or ``everything``. Tasks still running are kept.
+        Returns how many were purged."""
+        if isinstance(jobs, AsyncResult):
+            ids = jobs.task_ids
+        elif isinstance(jobs, str):
+            ids = [jobs]
+        else:
+            ids = list(jobs or [])
+        if not ids and before is None and not everything:
+            raise ValueError("say what to purge: task ids, before=, or everything=True")
+        reply = self._request(PurgeResults(ids, before, everything), timeout)
+        assert isinstance(reply, PurgeReply)
+        return reply.purged
 
     def wait(self, jobs: Iterable[AsyncResult] | None = None, timeout: float | None = None) -> bool:
         """Wait for ``jobs`` (default: everything this client is still waiting for). True if all done."""

@@ -186,6 +186,46 @@ class GetResults(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class QueryTasks(Message):
+    """Ask for stored task records matching every filter given (times are submission times)."""
+
+    KIND: ClassVar[str] = "query_tasks"
+    states: list[str] | None = None
+    engine: int | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class TaskList(Message):
+    """Task records (``TaskRecord.to_row()`` lists) answering ``QueryTasks``."""
+
+    KIND: ClassVar[str] = "task_list"
+    reply_to: int
+    rows: list[list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeResults(Message):
+    """Delete finished tasks' results and records: by id, finished before a time, or all."""
+
+    KIND: ClassVar[str] = "purge_results"
+    task_ids: list[str] = field(default_factory=list)
+    before: float | None = None
+    everything: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeReply(Message):
+    """How many finished tasks were purged."""
+
+    KIND: ClassVar[str] = "purge_reply"
+    reply_to: int
+    purged: int
+
+
+@dataclass(frozen=True, slots=True)
 class StatusRequest(Message):
     """Ask for the controller's status."""
 
@@ -299,7 +339,7 @@ KINDS: dict[str, type[Message]] = {
     for cls in (
         ClientHello, Welcome, Submit, SubmitReply, Results, GetResults, StatusRequest, StatusReply,
         EngineEvent, Shutdown, ShutdownReply, ErrorReply, EngineHello, EngineWelcome, Heartbeat,
-        Tasks, EngineStop,
+        Tasks, EngineStop, QueryTasks, TaskList, PurgeResults, PurgeReply,
     )
 }
 

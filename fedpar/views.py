@@ -11,9 +11,10 @@ and ``map`` do: return an ``AsyncResult`` or wait and return the value.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fedpar.errors import NoEnginesError
@@ -60,6 +61,26 @@ class View:
         self.client = client
         self.block = block
         self.retries = retries
+
+    def set_flags(self, *, block: bool | None = None, retries: int | None = None) -> None:
+        """Change the view's defaults: ``block`` (wait for values) and ``retries`` (re-runs of a task whose
+        engine died; load-balanced work only)."""
+        if block is not None:
+            self.block = block
+        if retries is not None:
+            if retries < 0:
+                raise ValueError("retries must be >= 0")
+            self.retries = retries
+
+    @contextlib.contextmanager
+    def temp_flags(self, *, block: bool | None = None, retries: int | None = None) -> Iterator[View]:
+        """``with view.temp_flags(retries=2): view.apply(...)`` sets flags for the calls inside only."""
+        saved = (self.block, self.retries)
+        self.set_flags(block=block, retries=retries)
+        try:
+            yield self
+        finally:
+            self.block, self.retries = saved
 
     # subclasses implement these two
     def apply_async(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> AsyncResult:

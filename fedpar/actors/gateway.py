@@ -32,6 +32,9 @@ from fedpar.protocol import (
     GetResults,
     Heartbeat,
     Message,
+    PurgeReply,
+    PurgeResults,
+    QueryTasks,
     Results,
     ResultSpec,
     Shutdown,
@@ -40,6 +43,7 @@ from fedpar.protocol import (
     StatusRequest,
     Submit,
     SubmitReply,
+    TaskList,
     Tasks,
     TaskSpec,
     Welcome,
@@ -200,6 +204,12 @@ class Gateway:
             self._reply_client(ident, Welcome(rid, self.controller_id, self.registry.ids()))
         elif isinstance(msg, StatusRequest):
             self._reply_client(ident, self._status(rid))
+        elif isinstance(msg, QueryTasks):
+            recs = self.journal.store.iter_tasks(states=msg.states, engine=msg.engine, since=msg.since,
+                                                 until=msg.until, limit=max(0, min(msg.limit, 100_000)))
+            self._reply_client(ident, TaskList(rid, [r.to_row() for r in recs]))
+        elif isinstance(msg, PurgeResults):
+            self._reply_client(ident, PurgeReply(rid, self._purge(msg)))
         elif isinstance(msg, Shutdown):
             engines = self.registry.ids()
             self._shutdown_engines("shutdown requested by a client")
@@ -273,6 +283,20 @@ class Gateway:
                                     list(rec.error) if rec.error else None, len(fr)))
             frames.extend(fr)
         self._reply_client(ident, Results(found, missing, rid), frames)
+
+    def _purge(self, msg: PurgeResults) -> int:
+        """Delete finished tasks (in-flight ones are never purged); returns how many."""
+        store = self.journal.store
+        if msg.everything:
+            ids = store.all_result_ids()
+        elif msg.before is not None:
+            ids = store.completed_before(msg.before)
+        else:
+            ids = [t for t in msg.task_ids if store.get_result_record(t) is not None]
+        ids = [t for t in ids if self.scheduler.get(t) is None]
+        if ids:
+            self.journal.delete_results(ids)
+        return len(ids)
 
     def _status(self, rid: int) -> StatusReply:
         counters = self.journal.store.counters()
