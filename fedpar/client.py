@@ -379,11 +379,12 @@ class Client:
         """
         single = isinstance(task_ids, str)
         ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
+        request = GetResults(ids)  # validates the ids before anything is registered
         ar = AsyncResult(ids, first if single else as_list, label="get_result")
         with self._wlock:
             for i, tid in enumerate(ids):
                 self._waiting.setdefault(tid, []).append((ar, i))
-        self._io.queue(GetResults(ids), [])
+        self._io.queue(request, [])
         return ar.get(timeout) if block else ar
 
     def status(self, timeout: float = 10.0) -> dict[str, Any]:

@@ -9,6 +9,7 @@ responsive while user code runs.
 from __future__ import annotations
 
 import _thread
+import builtins
 import logging
 import os
 import signal
@@ -53,8 +54,8 @@ class Engine:
         self.controller_timeout = controller_timeout
         self.uuid = uuidlib.uuid4().hex
         self.engine_id = -1
-        self.namespace: dict[str, Any] = {"__name__": "__fedpar_engine__"}
-        self._functions = FunctionCache()
+        self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+        self._functions = FunctionCache(rebind=self.namespace)
         self._stop = threading.Event()
         self._busy = False
         self._ctx = zmq.Context()
@@ -150,9 +151,9 @@ class Engine:
             value = self._execute(op, spec, frames)
             out = dumps_result(value)
             return ResultSpec(task_id, True, self.engine_id, started, time.time(), None, len(out)), out
-        except BaseException as exc:
-            if isinstance(exc, SystemExit) and self._stop.is_set():
-                raise
+        except BaseException as exc:  # user code may raise anything, KeyboardInterrupt included
+            if self._stop.is_set() and isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise  # the engine is being stopped: not a failure of the task
             err = describe_exception(exc)
             return ResultSpec(task_id, False, self.engine_id, started, time.time(), err, 0), []
         finally:
@@ -163,7 +164,8 @@ class Engine:
         if op == "apply":
             fn = self._functions.load(frames[0])
             args, kwargs = loads(_writable(frames[1:]))
-            return fn(*self._resolve(args), **kwargs)
+            args, kwargs = self._resolve(args, kwargs)
+            return fn(*args, **kwargs)
         if op == "map":
             fn = self._functions.load(frames[0])
             seqs = loads(_writable(frames[1:]))
@@ -186,10 +188,14 @@ class Engine:
             raise TypeError("pull needs a name or a list of names")
         raise ValueError(f"unknown task operation {op!r}")
 
-    def _resolve(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    def _resolve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Replace ``Reference`` arguments (positional or keyword) by the engine variables they name."""
+        ns = self.namespace
         if any(type(a) is Reference for a in args):
-            return tuple(_lookup(self.namespace, a.name) if type(a) is Reference else a for a in args)
-        return args
+            args = tuple(_lookup(ns, a.name) if type(a) is Reference else a for a in args)
+        if kwargs and any(type(v) is Reference for v in kwargs.values()):
+            kwargs = {k: _lookup(ns, v.name) if type(v) is Reference else v for k, v in kwargs.items()}
+        return args, kwargs
 
     # ------------------------------------------------------------------ control thread
     def _control_loop(self, heartbeat: float) -> None:
@@ -240,6 +246,12 @@ class Engine:
             log.info("engine %d stopping: %s", self.engine_id, reason)
             self._halt()
 
+    def terminate(self) -> None:
+        """Stop now (SIGTERM): interrupt user code if a task runs; the task is not reported."""
+        self._stop.set()
+        if self._busy:
+            _thread.interrupt_main()
+
     def _halt(self) -> None:
         """Stop the main thread: at once if idle, by interrupting user code if busy, else hard exit."""
         self._stop.set()
@@ -268,8 +280,8 @@ def _lookup(ns: dict[str, Any], name: str) -> Any:
 
 def run_engine(info: ConnectionInfo, *, controller_timeout: float = 30.0, replay_window: float = 300.0) -> int:
     """Entry point of ``fedpar engine``."""
-    signal.signal(signal.SIGTERM, lambda *_: _thread.interrupt_main())
     engine = Engine(info, controller_timeout=controller_timeout, replay_window=replay_window)
+    signal.signal(signal.SIGTERM, lambda *_: engine.terminate())
     try:
         return engine.run()
     except KeyboardInterrupt:

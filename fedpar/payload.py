@@ -8,8 +8,10 @@ call this module: the controller never unpickles user data.
 from __future__ import annotations
 
 import pickle
+import sys
 import threading
 import traceback
+import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -130,11 +132,18 @@ class FunctionPickles:
 
 
 class FunctionCache:
-    """Engine side: unpickled functions keyed by their pickle bytes (LRU)."""
+    """Engine side: unpickled functions keyed by their pickle bytes (LRU).
 
-    def __init__(self, size: int = 256):
+    With ``rebind`` (the engine's namespace), functions shipped by value (those defined in the client's
+    script or notebook, lambdas, closures) run with that namespace as their globals, as in ipyparallel:
+    variables pushed to the engine are visible to them. The globals cloudpickle shipped along fill in
+    only names the namespace lacks. Functions of importable modules keep their module's globals.
+    """
+
+    def __init__(self, size: int = 256, rebind: dict[str, Any] | None = None):
         self._size = size
         self._cache: OrderedDict[bytes, Any] = OrderedDict()
+        self._ns = rebind
 
     def load(self, data: Any) -> Any:
         key = bytes(data)
@@ -143,10 +152,29 @@ class FunctionCache:
             self._cache.move_to_end(key)
         else:
             fn = pickle.loads(key)
+            if self._ns is not None:
+                fn = _rebind(fn, self._ns)
             self._cache[key] = fn
             if len(self._cache) > self._size:
                 self._cache.popitem(last=False)
         return fn
+
+
+def _rebind(fn: Any, ns: dict[str, Any]) -> Any:
+    """Give a function shipped by value (its globals are not its module's) the engine namespace."""
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    module = sys.modules.get(fn.__module__)
+    if module is not None and fn.__globals__ is module.__dict__:
+        return fn  # pickled by reference: an importable module's function keeps that module's globals
+    for name, value in fn.__globals__.items():
+        if not name.startswith("__"):
+            ns.setdefault(name, value)
+    new = types.FunctionType(fn.__code__, ns, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update(fn.__dict__)
+    new.__qualname__ = fn.__qualname__
+    return new
 
 
 def describe_exception(exc: BaseException) -> list[str]:

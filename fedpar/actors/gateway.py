@@ -144,6 +144,7 @@ class Gateway:
         self._replies: list[tuple[zmq.Socket[Any], bytes, Message, list[Any]]] = []
         self._events_registered: list[int] = []
         self._events_unregistered: list[int] = []
+        self._finished_now: dict[str, tuple[ResultSpec, list[Any]]] = {}  # results of this pass (not committed)
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -274,6 +275,10 @@ class Gateway:
             if self.scheduler.get(tid) is not None or self.recovery.find(tid) is not None:
                 self._watch(tid, ident)  # still running: delivered when it finishes
                 continue
+            now_done = self._finished_now.get(tid)
+            if now_done is not None:  # finished in this very pass: sent with this pass's results
+                self._to_clients[ident].append(now_done)
+                continue
             got = self.journal.store.get_result(tid)
             if got is None:
                 missing.append(tid)
@@ -369,6 +374,7 @@ class Gateway:
 
     def _finish(self, task: Task, res: ResultSpec, frames: list[Any]) -> None:
         self.journal.task_finished(task, res, frames)
+        self._finished_now[task.task_id] = (res, frames)
         self.counters["finished"] += 1
         for ident in self._watchers.pop(task.task_id, ()):
             self._to_clients[ident].append((res, frames))

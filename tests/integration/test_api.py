@@ -84,11 +84,7 @@ def test_unknown_engine_id_client_side(client):
         client[[client.ids[0], missing]]
 
 
-@pytest.mark.xfail(
-    strict=True, raises=fedpar.TaskAborted,
-    reason="BUG: a direct task to an unregistered engine surfaces as TaskAborted "
-           "('UnknownEngineError: ...'), not UnknownEngineError (client.py _on_rejected)"
-)
+# Regression: this used to surface as TaskAborted('UnknownEngineError: ...').
 def test_unknown_engine_id_controller_side(client):
     missing = max(client.ids) + 100
     view = client.direct_view(missing)  # no client-side check: the controller rejects the task
@@ -313,12 +309,6 @@ def test_execute_and_item_access(client):
     assert dv.apply_sync(lambda f: f(2), fedpar.Reference("ex_fn")) == [7] * n
 
 
-@pytest.mark.xfail(
-    strict=True, raises=fedpar.RemoteError,
-    reason="GAP vs ipyparallel: an applied function does not see the engine's "
-           "namespace as its globals (engine.py Engine._execute calls the unpickled function with "
-           "cloudpickle's own globals), so push-then-apply code from ipyparallel raises NameError"
-)
 def test_applied_function_sees_engine_namespace(client):
     client[:].push({"ns_a": 5}, block=True)
     assert client[client.ids[0]].apply_sync(lambda: ns_a + 1) == 6  # noqa: F821 - engine global
@@ -352,11 +342,6 @@ def test_reference_argument(client):
     assert info.value.ename == "NameError"
 
 
-@pytest.mark.xfail(
-    strict=True, raises=fedpar.RemoteError,
-    reason="BUG: Reference passed as a keyword argument is not resolved "
-           "(engine.py Engine._execute resolves positional args only)"
-)
 def test_reference_keyword_argument(client):
     client[:]["ref_kw"] = 7
     assert client[client.ids[0]].apply_sync(add, 1, y=fedpar.Reference("ref_kw")) == 8
@@ -569,21 +554,16 @@ def test_get_result_by_id(cluster, client):
         assert info.value.ename == "ValueError" and "boom 9" in info.value.evalue
 
 
-@pytest.mark.xfail(
-    strict=True, raises=fedpar.ResultNotFound,
-    reason="BUG: get_result for a task that finishes in the same gateway pass answers 'missing': "
-           "Gateway._on_results removes the task from the scheduler and only journals its result, "
-           "_on_get_results (same pass) finds it neither in the scheduler nor in the not yet committed "
-           "store (actors/gateway.py); serve GetResults after journal.commit() in _finish_pass"
-)
-def test_get_result_right_after_completion_from_another_client(cluster, client):
+def test_get_result_right_after_completion(client):
+    # One client, so the request is ordered after the submission (two clients' sockets are not ordered:
+    # another client may legitimately ask before the task exists). The sweep puts the request in the
+    # same gateway pass as the result, before it is committed.
     lv = client.load_balanced_view()
-    with cluster.connect_client() as other:  # not a watcher of the task: must be served by the store
-        for i in range(300):
-            ar = lv.apply_async(int, i)
-            time.sleep((i % 10) * 0.0002)  # sweep the moment the request lands around the completion
-            assert other.get_result(ar.task_ids[0], block=True, timeout=10) == i
-            assert ar.get(10) == i
+    for i in range(300):
+        ar = lv.apply_async(int, i)
+        time.sleep((i % 10) * 0.0002)
+        assert client.get_result(ar.task_ids[0], block=True, timeout=10) == i
+        assert ar.get(10) == i
 
 
 def test_get_result_of_running_task(client):
@@ -615,12 +595,6 @@ def test_get_result_overlong_id_fails_cleanly(cluster):
         assert client.status()["dropped"].get("HandlerError", 0) == 0
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="BUG (low): client.get_result registers the AsyncResult in Client._waiting before GetResults(ids) "
-           "validates the ids (client.py get_result); when the constructor raises MalformedMessage the "
-           "entry is never removed, so client.outstanding keeps the id and client.wait() never returns True"
-)
 def test_get_result_invalid_id_leaves_nothing_outstanding(cluster):
     with cluster.connect_client() as client:
         with pytest.raises(fedpar.FedparError):

@@ -211,12 +211,6 @@ def test_foreground_processes_stop_on_sigterm(procs, tmp_path):
     assert not cf.exists()
 
 
-@pytest.mark.xfail(
-    strict=True, raises=subprocess.TimeoutExpired,
-    reason="BUG: SIGTERM does not stop a busy engine: run_engine maps SIGTERM to interrupt_main(), and the "
-           "KeyboardInterrupt raised inside user code is caught by Engine._run_task (except BaseException) "
-           "and reported as a task failure, after which the engine keeps serving"
-)
 def test_busy_engine_stops_on_sigterm(procs, tmp_path):
     cf, _ctl, eng = _start_foreground(procs, tmp_path, "busy")
     with fedpar.Client(cf) as client:
