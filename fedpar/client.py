@@ -53,7 +53,7 @@ from fedpar.protocol import (
 from fedpar.results import AsyncResult, as_list, first
 from fedpar.runtime import ConnectionInfo, read_connection_file
 from fedpar.store.records import TaskRecord
-from fedpar.transport import NOBLOCK, Waker, connect_dealer, recv_parts, send_parts
+from fedpar.transport import NOBLOCK, Waker, connect_dealer, readable, recv_parts, send_parts
 
 if TYPE_CHECKING:
     from fedpar.executor import FedparExecutor
@@ -109,11 +109,9 @@ class _IOThread(threading.Thread):
                     self._send(ClientHello(self.client.sender), [], None)
                 if self.sock in ready:
                     for _ in range(1024):
-                        try:
-                            parts = recv_parts(self.sock, NOBLOCK)
-                        except zmq.Again:
+                        if not readable(self.sock):
                             break
-                        self._on_message(parts)
+                        self._on_message(recv_parts(self.sock, NOBLOCK))
         except Exception:  # pragma: no cover - a bug here must not hang the user silently
             log.exception("client I/O thread failed")
             self.client._fail_all(ControllerUnavailable("the client's I/O thread failed; see the log"))

@@ -26,7 +26,7 @@ from fedpar.errors import ControllerUnavailable, ProtocolError
 from fedpar.payload import FunctionCache, describe_exception, dumps, dumps_result, loads
 from fedpar.protocol import EngineHello, EngineStop, EngineWelcome, Heartbeat, Results, ResultSpec, Tasks
 from fedpar.runtime import ConnectionInfo
-from fedpar.transport import connect_dealer, recv_parts, send_parts
+from fedpar.transport import connect_dealer, readable, recv_parts, send_parts
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,10 @@ class Engine:
         results: list[ResultSpec] = []
         frames: list[Any] = []
         first_pending = 0.0
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
         while not self._stop.is_set():
-            if not sock.poll(0 if results else 200):
+            if not (readable(sock) or (not results and poller.poll(200))):
                 if results:
                     self._send_results(sock, codec, results, frames)
                     results, frames = [], []

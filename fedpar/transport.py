@@ -87,6 +87,8 @@ def connect_dealer(ctx: zmq.Context[Any], endpoint: str, identity: bytes) -> zmq
 
 
 _SNDMORE = int(zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 _RCVMORE = int(zmq.RCVMORE)
 NOBLOCK = int(zmq.NOBLOCK)
 
@@ -101,6 +103,12 @@ def send_parts(sock: zmq.Socket[Any], parts: list[Any]) -> None:
     for i, p in enumerate(parts):
         big = not isinstance(p, bytes) or len(p) >= 65536
         send(p, _SNDMORE if i < last else 0, copy=not big)
+
+
+def readable(sock: zmq.Socket[Any]) -> bool:
+    """True when a whole message waits on ``sock`` (cheaper than a NOBLOCK receive that fails)."""
+    events: int = sock.getsockopt(_EVENTS)  # type: ignore[assignment]
+    return bool(events & _POLLIN)
 
 
 def recv_parts(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:

@@ -52,7 +52,7 @@ from fedpar.recovery import Recovery
 from fedpar.registry import EngineRegistry
 from fedpar.scheduler import Scheduler, Task
 from fedpar.store.records import EngineRecord, TaskRecord
-from fedpar.transport import NOBLOCK, Waker, recv_parts, send_parts
+from fedpar.transport import NOBLOCK, Waker, readable, recv_parts, send_parts
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +174,9 @@ class Gateway:
 
     def _drain(self, sock: zmq.Socket[Any], handle: Callable[[bytes, Received, float], None], now: float) -> None:
         for _ in range(self.batch):
-            try:
-                parts = recv_parts(sock, NOBLOCK)
-            except zmq.Again:
+            if not readable(sock):
                 return
+            parts = recv_parts(sock, NOBLOCK)
             ident = parts[0]
             try:
                 received = self.codec.decode(parts, 1)

@@ -89,6 +89,8 @@ class Journal:
 
     def commit(self) -> tuple[list[Task], str]:
         """Commit the pass. Returns the submissions refused (and why); empty when all landed."""
+        if not self.pending:
+            return [], ""
         state, submits, submitted = self._state, self._submits, self._submitted
         for tid, row in self._rows.items():
             state.put_task_row(tid, row)
