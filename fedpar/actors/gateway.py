@@ -57,6 +57,9 @@ from fedpar.transport import NOBLOCK, Waker, readable, recv_parts, send_parts
 log = logging.getLogger(__name__)
 
 ENGINE_LOST = "fedpar.EngineError"
+# Bytes received per pass before it is committed. Bounds the size of one LMDB transaction, and LMDB keeps
+# the dirty pages of its largest transaction cached for reuse: so this bounds the controller's footprint.
+PASS_BYTES = 2 << 20
 
 
 class Gateway:
@@ -91,8 +94,9 @@ class Gateway:
         self.dropped: dict[str, int] = defaultdict(int)  # bad messages by error class name
         self.counters: dict[str, int] = defaultdict(int)
         self._clients: set[bytes] = set()  # routing ids of clients that said hello
-        self._watchers: dict[str, set[bytes]] = {}  # task id -> other clients waiting for it
+        self._watchers: dict[str, bytes | set[bytes]] = {}  # task id -> client(s) waiting for it
         self._saved_marks: dict[str, int] = codec.guard.marks()
+        self._queued_now: list[Task] = []  # accepted this pass (their payload is dropped after commit)
         self.recovery = Recovery((), 0.0)
         self._reset_pass()
 
@@ -173,10 +177,12 @@ class Gateway:
         self._finish_pass(time.time())
 
     def _drain(self, sock: zmq.Socket[Any], handle: Callable[[bytes, Received, float], None], now: float) -> None:
+        budget = PASS_BYTES
         for _ in range(self.batch):
-            if not readable(sock):
+            if budget <= 0 or not readable(sock):
                 return
             parts = recv_parts(sock, NOBLOCK)
+            budget -= sum(len(p) for p in parts)
             ident = parts[0]
             try:
                 received = self.codec.decode(parts, 1)
@@ -242,6 +248,7 @@ class Gateway:
                         tframes, now)
             sched.submit(task)
             self.journal.task_queued(task)
+            self._queued_now.append(task)
             self._watch(task.task_id, ident)
             accepted.append(spec.task_id)
             self.counters["submitted"] += 1
@@ -262,7 +269,10 @@ class Gateway:
     def _watch(self, task_id: str, ident: bytes) -> None:
         w = self._watchers.get(task_id)
         if w is None:
-            self._watchers[task_id] = {ident}
+            self._watchers[task_id] = ident  # the common case: only the submitter waits (no set per task)
+        elif isinstance(w, bytes):
+            if w != ident:
+                self._watchers[task_id] = {w, ident}
         else:
             w.add(ident)
 
@@ -375,7 +385,8 @@ class Gateway:
         self.journal.task_finished(task, res, frames)
         self._finished_now[task.task_id] = (res, frames)
         self.counters["finished"] += 1
-        for ident in self._watchers.pop(task.task_id, ()):
+        w = self._watchers.pop(task.task_id, None)
+        for ident in (w,) if isinstance(w, bytes) else w or ():
             self._to_clients[ident].append((res, frames))
 
     def _fail(self, task: Task, ename: str, evalue: str, now: float) -> None:
@@ -420,6 +431,9 @@ class Gateway:
             for t in tasks:
                 self.journal.task_assigned(t)
         refused, why = self.journal.commit()
+        for task in self._queued_now:
+            task.frames = None  # stored: a queued task's payload lives in LMDB only, memory stays flat
+        self._queued_now = []
         if refused:
             refused_ids = {t.task_id for t in refused}
             for t in self.scheduler.cancel_queued(refused_ids):
@@ -459,10 +473,12 @@ class Gateway:
         ident = self.registry.task_identity(eid)
         frames: list[Any] = []
         specs: list[TaskSpec] = []
+        missing = [t.task_id for t in tasks if t.frames is None]
+        stored = dict(zip(missing, self.journal.store.get_inputs_many(missing), strict=True)) if missing else {}
         for t in tasks:
             tframes = t.frames
-            if tframes is None:  # a retry: the inputs come back from the store
-                tframes = self.journal.store.get_inputs(t.task_id) or []
+            if tframes is None:  # queued before this pass, or a retry: the payload comes from the store
+                tframes = stored.get(t.task_id) or []
             t.frames = None  # in-flight memory holds no payload once it is on its way
             specs.append(TaskSpec(t.task_id, t.op, t.target, len(tframes), t.retries, t.spec))
             frames.extend(tframes)

@@ -8,6 +8,8 @@ controller when the process that started it has died (no stray controllers).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import threading
@@ -23,6 +25,18 @@ log = logging.getLogger(__name__)
 TICK = "tick"
 
 
+def _malloc_trim() -> object:
+    """glibc's ``malloc_trim`` (None elsewhere): hands freed heap back to the OS."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
 class Housekeeper(pykka.ThreadingActor):
     """Periodic store sync, replay-mark persistence, retention and parent watch."""
 
@@ -35,6 +49,7 @@ class Housekeeper(pykka.ThreadingActor):
         self.parent_pid = parent_pid
         self._timer: threading.Timer | None = None
         self._last_purge = 0.0
+        self._trimmed_at = -1  # tasks finished when the heap was last trimmed
 
     def on_start(self) -> None:
         self._schedule()
@@ -76,6 +91,12 @@ class Housekeeper(pykka.ThreadingActor):
             if old:
                 log.info("purging %d results older than %.0fs", len(old), self.retention)
                 gw.call_soon(lambda: gw.journal.delete_results(old))
+        finished = gw.counters.get("finished", 0)
+        if _TRIM is not None and finished != self._trimmed_at and gw.scheduler.in_flight == 0:
+            # Idle after work: give the memory of finished tasks back, so the controller's footprint
+            # returns to its baseline instead of staying at the high-water mark of a burst.
+            self._trimmed_at = finished
+            _TRIM(0)  # type: ignore[operator]
         if self.parent_pid is not None and not _alive(self.parent_pid):
             log.warning("parent process %d is gone; stopping the controller", self.parent_pid)
             gw.stop()

@@ -368,6 +368,11 @@ class LmdbStore:
         prefix = S.chunk_prefix(S.task_key(task_id))
         return self._read(lambda txn: S.get_frames(txn, self._inputs, prefix))
 
+    def get_inputs_many(self, task_ids: Sequence[str]) -> list[list[bytes] | None]:
+        """``get_inputs`` of several tasks in one read transaction."""
+        prefixes = [S.chunk_prefix(S.task_key(t)) for t in task_ids]
+        return self._read(lambda txn: [S.get_frames(txn, self._inputs, p) for p in prefixes])
+
     def get_result_record(self, task_id: str) -> ResultRecord | None:
         """The result record of ``task_id`` without its frames, or None."""
         raw = self._read(lambda txn: txn.get(S.task_key(task_id), db=self._results))
