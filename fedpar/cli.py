@@ -100,13 +100,15 @@ def cmd_cluster_stop(args: argparse.Namespace) -> int:
             client.shutdown(timeout=5)
     except FedparError as exc:
         print(f"controller did not answer ({exc}); signalling the processes", file=sys.stderr)
-    pids = [info.controller_pid, *info.engine_pids]
+    pids = [p for p in (info.controller_pid, *info.engine_pids) if _is_fedpar(p)]  # never a reused pid
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.05)
-    for p in pids:
-        if _alive(p):
-            os.kill(p, signal.SIGKILL)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in pids:
+            if _alive(p):
+                os.kill(p, sig)
+        time.sleep(0.5 if sig == signal.SIGTERM else 0)
     remove_connection_file(path)
     print(f"cluster {info.cluster_id!r} stopped")
     return 0
@@ -125,6 +127,15 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
     print(f"queue depth: {st['queued']}   in flight: {st['in_flight']}")
     print(f"tasks done: {st['done']}   failed: {st['failed']}")
     return 0
+
+
+def _is_fedpar(pid: int) -> bool:
+    """True if ``pid`` is a fedpar process (a stale connection file may name pids reused since)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"fedpar" in f.read()
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:

@@ -107,6 +107,13 @@ class _IOThread(threading.Thread):
                         and (self.unacked or self.client._waiting)):
                     self.last_ping = now
                     self._send(ClientHello(self.client.sender), [], None)
+                    lost_after = self.client.lost_after
+                    if lost_after is not None and now - self.last_heard > lost_after:
+                        self.unacked.clear()
+                        self.client._fail_all(ControllerUnavailable(
+                            f"the controller at {self.client.info.client_endpoint} has been silent for "
+                            f"{now - self.last_heard:.0f}s; results already stored stay retrievable with "
+                            "get_result() if it comes back"))
                 if self.sock in ready:
                     for _ in range(1024):
                         if not readable(self.sock):
@@ -203,15 +210,20 @@ class Client:
     ``Client()`` reads the connection file of the default cluster; pass ``connection_file=`` (a path or
     a cluster id) for another. ``client.ids`` lists engine ids; ``client[:]``, ``client[0]`` and
     ``client[[0, 2]]`` are ``DirectView``s; ``client.load_balanced_view()`` spreads work over engines.
+
+    If the controller restarts, the client reconnects and resynchronises by itself. If it stays silent for
+    ``lost_after`` seconds while results are awaited, those fail with ``ControllerUnavailable`` (None: wait
+    for ever).
     """
 
     def __init__(self, connection_file: str | os.PathLike[str] | ConnectionInfo | None = None, *,
-                 timeout: float = 10.0):
+                 timeout: float = 10.0, lost_after: float | None = 120.0):
         if isinstance(connection_file, ConnectionInfo):
             self.info = connection_file
         else:
             path = Path(connection_file) if isinstance(connection_file, os.PathLike) else connection_file
             self.info = read_connection_file(path)
+        self.lost_after = lost_after  # fail waiting results after this long without a word from the controller
         self.sender = f"client:{secrets.token_hex(6)}"
         self._task_prefix = self.sender[7:] + "-"
         self._next_task = 0

@@ -54,20 +54,28 @@ class Cluster:
         self._launcher: LocalLauncher | None = None
         self._client: Client | None = None
         self.info: ConnectionInfo | None = None
+        self._started = 0  # engines started (n plus add_engines)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 30.0) -> Cluster:
         """Start the controller and the engines (returns at once; see ``wait_for_engines``)."""
         if self._launcher is not None:
             raise ClusterError("this cluster is already started")
+        config_file = self._config_file
+        if config_file is None:  # a Config object (or defaults): hand the children the same settings
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = self.state_dir / "fedpar.ini"
+            path.write_text(self.config.to_ini())
+            config_file = str(path)
         self._launcher = LocalLauncher(
             cluster_id=self.cluster_id, connection_file=self.connection_file, state_dir=self.state_dir,
-            config_file=self._config_file, log_dir=self.log_dir, parent_pid=os.getpid(),
+            config_file=config_file, log_dir=self.log_dir, parent_pid=os.getpid(),
         )
         atexit.register(self.stop)
         try:
             self.info = self._launcher.start_controller(wait=timeout)
             self._launcher.start_engines(self.n)
+            self._started = self.n
         except BaseException:
             self.stop()
             raise
@@ -77,7 +85,9 @@ class Cluster:
         """Start ``n`` more engines; returns their pids."""
         if self._launcher is None:
             raise ClusterError("start the cluster first")
-        return self._launcher.start_engines(n)
+        pids = self._launcher.start_engines(n)
+        self._started += n
+        return pids
 
     def connect_client(self, timeout: float = 10.0) -> Client:
         """A new ``Client`` connected to this cluster."""
@@ -90,7 +100,7 @@ class Cluster:
         if self._client is None:
             self._client = self.connect_client()
         try:
-            return self._client.wait_for_engines(self.n if n is None else n, timeout)
+            return self._client.wait_for_engines(self._started if n is None else n, timeout)
         except FedparError:
             self._check_alive()
             raise

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
-from fedpar.errors import FedparError
+from fedpar.errors import TimeoutError
 from fedpar.results import AsyncResult
 
 if TYPE_CHECKING:
@@ -50,13 +50,16 @@ class FedparExecutor(Executor):
 
         def results() -> Iterator[Any]:
             if deadline is not None and not ar.wait(max(0.0, deadline - time.monotonic())):
-                raise FedparError(f"map did not finish within {timeout}s")  # pragma: no cover
+                raise TimeoutError(f"map did not finish within {timeout}s")
             yield from ar
 
         return results()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Refuse new work; with ``wait``, block until submitted work is done."""
+        """Refuse new work; with ``wait``, block until submitted work is done.
+
+        ``cancel_futures`` is accepted for compatibility; submitted tasks cannot be cancelled yet.
+        """
         self._shutdown = True
         if wait:
             with self._lock:

@@ -219,6 +219,8 @@ class Gateway:
         elif isinstance(msg, Shutdown):
             engines = self.registry.ids()
             self._shutdown_engines("shutdown requested by a client")
+            for eid in engines:
+                self._lose_engine(eid, now, f"engine {eid} was stopped by a shutdown request", state="stopped")
             self._reply_client(ident, ShutdownReply(rid, engines))
             if not msg.engines_only:
                 self.stopped_by_request = True
@@ -405,11 +407,12 @@ class Gateway:
                 self._fail(task, ENGINE_LOST, f"engine {task.target} did not come back after the controller "
                                               f"restarted; direct task {task.task_id} cannot run", now)
 
-    def _lose_engine(self, eid: int, now: float, why: str) -> None:
-        rec = self.registry.unregister(eid, "dead")
+    def _lose_engine(self, eid: int, now: float, why: str, state: str = "dead") -> None:
+        rec = self.registry.unregister(eid, state)
         if rec is None:
             return
-        log.warning("%s; its tasks are retried or failed", why)
+        if state == "dead":
+            log.warning("%s; its tasks are retried or failed", why)
         self.journal.engine(rec)
         self._events_unregistered.append(eid)
         running, waiting = self.scheduler.remove_engine(eid)
@@ -436,8 +439,10 @@ class Gateway:
         self._queued_now = []
         if refused:
             refused_ids = {t.task_id for t in refused}
-            for t in self.scheduler.cancel_queued(refused_ids):
-                self._watchers.pop(t.task_id, None)
+            self.scheduler.cancel_queued(refused_ids)
+            for tid in refused_ids:  # refused ones already assigned this pass give their slot back
+                self.scheduler.complete(tid, None, None)
+                self._watchers.pop(tid, None)
             for (ident, rid), ids in self._acks.items():
                 bad = [i for i in ids if i in refused_ids]
                 if bad:

@@ -80,6 +80,9 @@ def run_controller(
             f"[controller] host = {host} is not a loopback address and encryption is not available yet; "
             "set [security] insecure = true to accept unencrypted traffic on this network"
         )
+    if not is_loopback(host):
+        log.warning("binding %s without encryption ([security] insecure = true): anyone who can reach this "
+                    "address can read the traffic; only the cluster key protects the engines", host)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(state_dir, 0o700)
     key = load_or_create_key(state_dir, key)
