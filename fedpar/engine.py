@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import uuid as uuidlib
+from collections import OrderedDict, deque
 from typing import Any
 
 import zmq
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 RESULT_BATCH = 64
 RESULT_BATCH_SECONDS = 0.002
+RECENT_RESULTS = 1024  # results kept after sending, to resend if the controller dies before storing them
+RECENT_BYTES = 64 << 20
 
 
 class Reference:
@@ -62,6 +65,9 @@ class Engine:
         self._replay_window = replay_window
         self._task_ident = f"t:{self.uuid}".encode()
         self._holding: set[str] = set()  # task ids received whose results are not sent yet
+        self._recent: OrderedDict[str, tuple[ResultSpec, list[Any]]] = OrderedDict()  # sent, kept a while
+        self._recent_bytes = 0
+        self._resend: deque[str] = deque()  # ids a re-registration asked for again
 
     # ------------------------------------------------------------------ main thread
     def run(self, register_timeout: float = 30.0) -> int:
@@ -109,6 +115,8 @@ class Engine:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         while not self._stop.is_set():
+            if self._resend:
+                self._resend_results(sock, codec)
             if not (readable(sock) or (not results and poller.poll(200))):
                 if results:
                     self._send_results(sock, codec, results, frames)
@@ -142,8 +150,29 @@ class Engine:
     def _send_results(self, sock: zmq.Socket[Any], codec: Codec, results: list[ResultSpec], frames: list[Any]) -> None:
         parts, _ = codec.encode(Results(results), frames)
         send_parts(sock, parts)
+        pos = 0
+        recent = self._recent
         for r in results:
+            fr = frames[pos:pos + r.nframes]
+            pos += r.nframes
+            recent[r.task_id] = (r, fr)
+            self._recent_bytes += sum(len(f) for f in fr)
             self._holding.discard(r.task_id)
+        while recent and (len(recent) > RECENT_RESULTS or self._recent_bytes > RECENT_BYTES):
+            _, (_, fr) = recent.popitem(last=False)
+            self._recent_bytes -= sum(len(f) for f in fr)
+
+    def _resend_results(self, sock: zmq.Socket[Any], codec: Codec) -> None:
+        """Send again the results a restarted controller asked for (those still remembered)."""
+        again: list[ResultSpec] = []
+        frames: list[Any] = []
+        while self._resend:
+            got = self._recent.get(self._resend.popleft())
+            if got is not None:
+                again.append(got[0])
+                frames.extend(got[1])
+        if again:
+            send_parts(sock, codec.encode(Results(again), frames)[0])
 
     # ------------------------------------------------------------------ tasks
     def _run_task(self, task_id: str, op: str, spec: dict[str, Any], frames: list[Any]) -> tuple[ResultSpec, list[Any]]:
@@ -228,6 +257,7 @@ class Engine:
                         unknown = msg.engine_id == -1
                     elif isinstance(msg, EngineWelcome):
                         last_ack = time.monotonic()
+                        self._resend.extend(msg.resend)
                         if msg.engine_id != self.engine_id:
                             log.info("engine %d is now engine %d", self.engine_id, msg.engine_id)
                         self.engine_id = msg.engine_id
@@ -236,8 +266,8 @@ class Engine:
                 if unknown and time.monotonic() - last_hello > heartbeat:
                     # The controller restarted (or lost us): register again and say what we still hold.
                     last_hello = time.monotonic()
-                    hello = EngineHello(self.uuid, socket.gethostname(), os.getpid(), self._task_ident,
-                                        sorted(self._holding.copy()))
+                    held = self._holding.copy() | set(self._recent.copy())
+                    hello = EngineHello(self.uuid, socket.gethostname(), os.getpid(), self._task_ident, sorted(held))
                     send_parts(sock, codec.encode(hello)[0])
                     log.info("engine %d registering again (holding %d task(s))", self.engine_id, len(hello.running))
                 if not reason and time.monotonic() - last_ack > self.controller_timeout:

@@ -294,7 +294,7 @@ class EngineHello(Message):
     hostname: str
     pid: int
     task_identity: bytes
-    running: list[str] = field(default_factory=list)  # task ids received and not yet answered
+    running: list[str] = field(default_factory=list)  # task ids not answered, or answered only recently
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +306,7 @@ class EngineWelcome(Message):
     engine_id: int
     heartbeat: float
     controller: str
+    resend: list[str] = field(default_factory=list)  # results to send again (lost with a previous controller)
 
 
 @dataclass(frozen=True, slots=True)

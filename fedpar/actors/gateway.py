@@ -343,18 +343,18 @@ class Gateway:
             rec = self.registry.register(msg.uuid, msg.hostname, msg.pid, msg.task_identity, now)
             self.journal.engine(rec)
             self.scheduler.add_engine(rec.engine_id)
-            if again:
-                self._engine_returned(rec.engine_id, msg.running, now)
+            resend = self._engine_returned(rec.engine_id, msg.running, now) if again else []
             self._events_registered.append(rec.engine_id)
             self._replies.append((self.engine_sock, ident,
                                   EngineWelcome(rx.envelope.id, rec.engine_id, self.heartbeat,
-                                                self.controller_id), []))
+                                                self.controller_id, resend), []))
             log.info("engine %d registered (pid %d on %s)", rec.engine_id, msg.pid, msg.hostname)
         else:
             self.dropped["UnexpectedKind"] += 1
 
-    def _engine_returned(self, eid: int, running: list[str], now: float) -> None:
-        """An engine registered again (after a controller restart or a reconnect)."""
+    def _engine_returned(self, eid: int, running: list[str], now: float) -> list[str]:
+        """An engine registered again (after a controller restart or a reconnect). Returns the ids of the
+        tasks it holds or answered recently that we still wait for: it sends those results (again)."""
         holding = set(running)
         # Tasks this incarnation had assigned to it that it no longer holds were lost on the way.
         for task in [t for t in self.scheduler.outstanding(eid) if t.task_id not in holding]:
@@ -368,6 +368,8 @@ class Gateway:
                                       "which no longer holds it", now)
         for task in held:
             self.scheduler.submit(task)
+        return [t.task_id for t in adopt] + [t.task_id for t in self.scheduler.outstanding(eid)
+                                             if t.task_id in holding and t not in adopt]
 
     def _on_results(self, msg: Results, frames: list[Any]) -> None:
         pos = 0
