@@ -198,8 +198,9 @@ class _IOThread(threading.Thread):
             n = sum(s.nframes for s in resend[:i])
             m = sum(s.nframes for s in chunk)
             self._send(Submit(chunk), frames[n:n + m], None)
+        queued = {item.task_id for item, _, _ in list(self.outbox) if isinstance(item, TaskSpec)}  # not sent yet
         with self.client._wlock:
-            waiting = [tid for tid in self.client._waiting if tid not in self.unacked]
+            waiting = [tid for tid in self.client._waiting if tid not in self.unacked and tid not in queued]
         for i in range(0, len(waiting), SUBMIT_BATCH):
             self._send(GetResults(waiting[i:i + SUBMIT_BATCH]), [], None)
 
@@ -261,6 +262,11 @@ class Client:
                 "running, and does the connection file belong to it (same cluster key)?"
             ) from None
         if isinstance(rx.msg, ErrorReply):
+            from fedpar import errors
+
+            cls = getattr(errors, rx.msg.ename, None)
+            if isinstance(cls, type) and issubclass(cls, FedparError) and not issubclass(cls, errors.TaskError):
+                raise cls(rx.msg.evalue)
             raise FedparError(f"{rx.msg.ename}: {rx.msg.evalue}")
         return rx.msg
 

@@ -68,6 +68,7 @@ class Engine:
         self._recent: OrderedDict[str, tuple[ResultSpec, list[Any]]] = OrderedDict()  # sent, kept a while
         self._recent_bytes = 0
         self._resend: deque[str] = deque()  # ids a re-registration asked for again
+        self._epoch = 0  # incarnation of the controller this engine is registered with
 
     # ------------------------------------------------------------------ main thread
     def run(self, register_timeout: float = 30.0) -> int:
@@ -102,6 +103,7 @@ class Engine:
                     raise ControllerUnavailable(f"controller answered with a bad message: {exc}") from exc
                 if isinstance(rx.msg, EngineWelcome):
                     self.engine_id = rx.msg.engine_id
+                    self._epoch = rx.envelope.epoch
                     log.info("registered as engine %d with controller %s", self.engine_id, rx.msg.controller)
                     return rx.msg.heartbeat
         raise ControllerUnavailable(
@@ -130,6 +132,11 @@ class Engine:
             if isinstance(rx.msg, EngineStop):
                 break
             if not isinstance(rx.msg, Tasks):
+                continue
+            if rx.envelope.epoch < self._epoch:
+                # Sent by a controller that died before we read it; we registered again since without
+                # listing these tasks, so the new controller has retried or failed them: never run them.
+                log.info("dropping %d task(s) from controller epoch %d", len(rx.msg.tasks), rx.envelope.epoch)
                 continue
             if not results:
                 first_pending = time.monotonic()
@@ -255,8 +262,13 @@ class Engine:
                     if isinstance(msg, Heartbeat):
                         last_ack = time.monotonic()
                         unknown = msg.engine_id == -1
+                        if unknown:
+                            # From now on, tasks of older incarnations are not started (see _serve): what
+                            # the main thread took before this point is in _holding and listed below.
+                            self._epoch = max(self._epoch, rx.envelope.epoch)
                     elif isinstance(msg, EngineWelcome):
                         last_ack = time.monotonic()
+                        self._epoch = rx.envelope.epoch
                         self._resend.extend(msg.resend)
                         if msg.engine_id != self.engine_id:
                             log.info("engine %d is now engine %d", self.engine_id, msg.engine_id)

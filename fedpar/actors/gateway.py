@@ -21,7 +21,7 @@ import zmq
 
 from fedpar.actors.journal import Journal
 from fedpar.codec import Codec, Received
-from fedpar.errors import ProtocolError
+from fedpar.errors import ProtocolError, StoreError
 from fedpar.protocol import (
     ClientHello,
     EngineEvent,
@@ -215,7 +215,10 @@ class Gateway:
                                                  until=msg.until, limit=max(0, min(msg.limit, 100_000)))
             self._reply_client(ident, TaskList(rid, [r.to_row() for r in recs]))
         elif isinstance(msg, PurgeResults):
-            self._reply_client(ident, PurgeReply(rid, self._purge(msg)))
+            try:
+                self._reply_client(ident, PurgeReply(rid, self._purge(msg)))
+            except StoreError as exc:
+                self._reply_client(ident, ErrorReply(rid, type(exc).__name__, str(exc)))
         elif isinstance(msg, Shutdown):
             engines = self.registry.ids()
             self._shutdown_engines("shutdown requested by a client")
@@ -311,7 +314,9 @@ class Gateway:
             ids = [t for t in msg.task_ids if store.get_result_record(t) is not None]
         ids = [t for t in ids if self.scheduler.get(t) is None]
         if ids:
-            self.journal.delete_results(ids)
+            batch = store.batch()  # committed now, on its own: the reply says what really happened
+            batch.delete_results(ids)
+            store.commit(batch)
         return len(ids)
 
     def _status(self, rid: int) -> StatusReply:

@@ -46,6 +46,7 @@ class Journal:
     def __init__(self, store: LmdbStore):
         self.store = store
         self._state = store.batch()
+        self._results = store.batch()
         self._submits = store.batch()
         self._submitted: list[Task] = []
         self._new_rows: dict[str, list[Any]] = {}  # rows of tasks submitted this pass
@@ -70,7 +71,7 @@ class Journal:
             (res.error[0], res.error[1], res.error[2]) if res.error is not None else None,
             tuple(memoryview(f).nbytes for f in frames),
         )
-        self._state.put_result(rec, frames)
+        self._results.put_result(rec, frames)
         self._rows[task.task_id] = task_row(task, DONE if res.ok else FAILED, res.completed)
 
     def engine(self, rec: EngineRecord) -> None:
@@ -85,29 +86,41 @@ class Journal:
     @property
     def pending(self) -> bool:
         """True when writes wait for the next commit."""
-        return bool(self._state or self._submits or self._rows or self._new_rows)
+        return bool(self._state or self._results or self._submits or self._rows or self._new_rows)
 
     def commit(self) -> tuple[list[Task], str]:
-        """Commit the pass. Returns the submissions refused (and why); empty when all landed."""
+        """Commit the pass. Returns the submissions refused (and why); empty when all landed.
+
+        Normally one transaction holds the pass's results and state changes. If the store refuses it,
+        the state changes (task rows, engines, marks, purges) are committed without the result payloads,
+        which are delivered unstored: a task is never left looking unfinished after its result went out.
+        """
         if not self.pending:
             return [], ""
-        state, submits, submitted = self._state, self._submits, self._submitted
+        state, results, submits, submitted = self._state, self._results, self._submits, self._submitted
         for tid, row in self._rows.items():
             state.put_task_row(tid, row)
         for tid, row in self._new_rows.items():
             submits.put_task_row(tid, row)
         self._state = self.store.batch()
+        self._results = self.store.batch()
         self._submits = self.store.batch()
         self._submitted = []
         self._rows = {}
         self._new_rows = {}
-        if state:
+        if state or results:
+            both = self.store.batch()
+            both.extend(results)
+            both.extend(state)
             try:
-                self.store.commit(state)
+                self.store.commit(both)
             except StoreError as exc:
-                # Results are delivered anyway: losing a computed result is worse than not storing it.
-                self.unstored_results += 1
-                log.error("store refused results and state changes (%s); delivering them unstored", exc)
+                self.unstored_results += len(results)
+                log.error("store refused this pass's results (%s); delivering them unstored", exc)
+                try:
+                    self.store.commit(state)
+                except StoreError as exc2:
+                    log.error("store refused this pass's state changes too: %s", exc2)
         if submits:
             try:
                 self.store.commit(submits)

@@ -105,6 +105,10 @@ class WriteBatch:
         """
         self._ops.extend((_DEL_RESULT, S.task_key(t)) for t in task_ids)
 
+    def extend(self, other: WriteBatch) -> None:
+        """Append the operations of ``other`` (same store) to this batch."""
+        self._ops.extend(other._ops)
+
     def bump(self, counter: str, n: int = 1) -> None:
         """Add ``n`` to the ``meta`` counter ``counter`` (never below zero)."""
         self._ops.append((_BUMP, counter.encode("utf-8"), n))
@@ -220,9 +224,10 @@ class LmdbStore:
         if batch._store is not self:
             raise ValueError("the batch belongs to another store")
         ops = batch._ops
+        deletes_only = all(op[0] in (_DEL_RESULT, _DEL_INPUTS) for op in ops)
         with self._wlock:
             self._check_open()
-            self._write(lambda txn: self._apply(txn, ops))
+            self._write(lambda txn: self._apply(txn, ops), deletes_only)
 
     def next_epoch(self) -> int:
         """Increment the store's epoch in its own transaction and return it (1 on a fresh store)."""
@@ -237,8 +242,11 @@ class LmdbStore:
             self._check_open()
             return self._write(bump)
 
-    def _write(self, fn: Callable[[lmdb.Transaction[bytes]], _T]) -> _T:
-        """Run ``fn`` in a write transaction and commit, growing the map as needed. Holds _wlock."""
+    def _write(self, fn: Callable[[lmdb.Transaction[bytes]], _T], deletes_only: bool = False) -> _T:
+        """Run ``fn`` in a write transaction and commit, growing the map as needed. Holds _wlock.
+
+        LMDB copies pages on write, so even deleting needs free pages: a batch that only deletes may use a
+        small reserve above ``max_map_size``, so a full store can always be purged."""
         while True:
             try:
                 txn = self._env.begin(write=True)
@@ -250,7 +258,7 @@ class LmdbStore:
                 txn.commit()
                 return result
             except lmdb.MapFullError:
-                self._grow()
+                self._grow(deletes_only)
             except lmdb.MapResizedError:
                 with self._rlock:  # another process grew the map: adopt its size
                     self._env.set_mapsize(0)
@@ -279,7 +287,13 @@ class LmdbStore:
                 return "disk full (short write)"
         return None
 
-    def _grow(self) -> None:
+    def _grow(self, deletes_only: bool = False) -> None:
+        reserve = max(1 << 20, self._max_map_size // 50)
+        if deletes_only and self._max_map_size <= self._map_size < self._max_map_size + reserve:
+            with self._rlock:
+                self._env.set_mapsize(self._max_map_size + reserve)
+                self._map_size = self._env.info()["map_size"]
+            return
         if self._map_size >= self._max_map_size:
             raise StoreFull(
                 f"store at {self._path} reached its maximum size of {self._max_map_size} bytes; "
