@@ -88,46 +88,59 @@ class FunctionPickles:
 
     def __init__(self, size: int = 256):
         self._size = size
-        self._cache: weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[Any, ...], bytes]]
+        self._cache: weakref.WeakKeyDictionary[Callable[..., Any], tuple[Any, tuple[Any, ...], bytes]]
         self._cache = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     @staticmethod
-    def _fingerprint(fn: Callable[..., Any], depth: int = 0) -> tuple[Any, ...]:
-        """The objects a pickle of ``fn`` captures by value: referenced globals (also in nested code
-        such as lambdas and comprehensions) and closure cells, recursing into referenced functions.
-        Kept as strong references and compared with ``is``, so a reused address cannot fool it."""
+    def _plan(fn: Callable[..., Any], depth: int = 0) -> list[tuple[dict[str, Any], tuple[str, ...], Any]]:
+        """Where a pickle of ``fn`` captures values: (globals, names used, closure) of ``fn`` and of the
+        functions it refers to. Computed once per function; ``_fingerprint`` reads the values."""
         code = getattr(fn, "__code__", None)
         if code is None:
-            return ()
-        g = getattr(fn, "__globals__", {})
+            return []
+        g: dict[str, Any] = getattr(fn, "__globals__", {})
+        names = tuple(sorted(_code_names(code)))
+        plan = [(g, names, getattr(fn, "__closure__", None))]
+        if depth < 3:
+            for name in names:
+                obj = g.get(name)
+                if obj is not fn and callable(obj) and hasattr(obj, "__code__"):
+                    plan.extend(FunctionPickles._plan(obj, depth + 1))
+        return plan
+
+    @staticmethod
+    def _fingerprint(plan: list[tuple[dict[str, Any], tuple[str, ...], Any]]) -> tuple[Any, ...]:
+        """The objects a pickle captures by value (referenced globals, also in nested code, and closure
+        cells), kept as strong references and compared with ``is``: a reused address cannot fool it."""
         out: list[Any] = []
-        for name in sorted(_code_names(code)):
-            obj = g.get(name, _MISSING)
-            out.append(obj)
-            if depth < 3 and callable(obj) and hasattr(obj, "__code__") and obj is not fn:
-                out.extend(FunctionPickles._fingerprint(obj, depth + 1))
-        for cell in getattr(fn, "__closure__", None) or ():
-            try:
-                out.append(cell.cell_contents)
-            except ValueError:  # empty cell
-                out.append(_MISSING)
+        for g, names, closure in plan:
+            out.extend(g.get(n, _MISSING) for n in names)
+            for cell in closure or ():
+                try:
+                    out.append(cell.cell_contents)
+                except ValueError:  # empty cell
+                    out.append(_MISSING)
         return tuple(out)
 
     def get(self, fn: Callable[..., Any]) -> bytes:
         """The pickle of ``fn`` (cached while its referenced globals and closure stay the same)."""
-        fp = self._fingerprint(fn)
         try:
             hit = self._cache.get(fn)
         except TypeError:  # not weak-referenceable (e.g. some builtins): no caching
             return cloudpickle.dumps(fn, protocol=PROTOCOL)  # type: ignore[no-any-return]
-        if hit is not None and len(hit[0]) == len(fp) and all(a is b for a, b in zip(hit[0], fp, strict=True)):
-            return hit[1]
+        if hit is not None:
+            old_plan, old_fp, cached = hit
+            now = self._fingerprint(old_plan)
+            if len(now) == len(old_fp) and all(a is b for a, b in zip(now, old_fp, strict=True)):
+                return cached
+        plan = self._plan(fn)  # names may have changed too (a global rebound to another function)
+        fp = self._fingerprint(plan)
         data: bytes = cloudpickle.dumps(fn, protocol=PROTOCOL)
         with self._lock:
             if len(self._cache) >= self._size:
                 self._cache.clear()
-            self._cache[fn] = (fp, data)
+            self._cache[fn] = (plan, fp, data)
         return data
 
 

@@ -81,7 +81,8 @@ class AsyncResult(Future[Any]):
         self._raw: list[tuple[ResultSpec, list[Any]] | None] = [None] * self._n
         self._values: list[Any] = [_UNSET] * self._n
         self._done = 0
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # cheap; a Condition on it is made only if someone iterates
+        self._iter_cond: threading.Condition | None = None
         self._value: Any = _UNSET
         self._submitted = time.monotonic()
         self._finished: float | None = None
@@ -91,12 +92,13 @@ class AsyncResult(Future[Any]):
 
     # ------------------------------------------------------------------ fed by the client's I/O thread
     def _deliver(self, index: int, spec: ResultSpec, frames: list[Any]) -> None:
-        with self._cond:
+        with self._lock:
             if self._raw[index] is not None:
                 return
             self._raw[index] = (spec, frames)
             self._done += 1
-            self._cond.notify_all()
+            if self._iter_cond is not None:
+                self._iter_cond.notify_all()
             complete = self._done == self._n
         if complete:
             self._finish()
@@ -139,7 +141,7 @@ class AsyncResult(Future[Any]):
                 f"{self._done}/{self._n} task(s) finished within {timeout}s"
                 + (f" ({self.label})" if self.label else "")
             ) from None
-        with self._cond:
+        with self._lock:
             if self._value is _UNSET:
                 self._value = self._reduce([self._value_at(i) for i in range(self._n)])
             return self._value
@@ -184,8 +186,11 @@ class AsyncResult(Future[Any]):
     def __iter__(self) -> Iterator[Any]:
         """Values in order as they arrive (the elements of a map, the per-engine values of a list)."""
         for i in range(self._n):
-            with self._cond:
-                self._cond.wait_for(lambda i=i: self._raw[i] is not None)  # type: ignore[misc]
+            with self._lock:
+                if self._raw[i] is None:
+                    if self._iter_cond is None:
+                        self._iter_cond = threading.Condition(self._lock)
+                    self._iter_cond.wait_for(lambda i=i: self._raw[i] is not None)  # type: ignore[misc]
                 v = self._value_at(i)
             if self._chunked:
                 yield from v
