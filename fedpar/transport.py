@@ -101,8 +101,8 @@ def send_parts(sock: zmq.Socket[Any], parts: list[Any]) -> None:
     send = sock.send
     last = len(parts) - 1
     for i, p in enumerate(parts):
-        big = not isinstance(p, bytes) or len(p) >= 65536
-        send(p, _SNDMORE if i < last else 0, copy=not big)
+        n = len(p) if type(p) is bytes else memoryview(p).nbytes
+        send(p, _SNDMORE if i < last else 0, copy=n < 65536)  # zero-copy only pays off for big parts
 
 
 def readable(sock: zmq.Socket[Any]) -> bool:

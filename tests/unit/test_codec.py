@@ -625,3 +625,31 @@ def test_result_task_id_with_nul_is_rejected(rx: Codec) -> None:
 def test_get_results_task_ids_are_validated(rx: Codec, tid: str) -> None:
     with pytest.raises(MalformedMessage):
         rx.decode(signed(head(kind="get_results", task_ids=[tid])))
+
+
+# --------------------------------------------------------------------------- packed small frames
+def test_small_frames_travel_packed_and_come_back_apart() -> None:
+    from fedpar.codec import PACK_FRAME_LIMIT
+
+    tx, rx_ = Codec(KEY, "packer"), Codec(KEY, "unpacker")
+    frames = [b"a", b"", b"bc" * 10, bytearray(b"xyz"), memoryview(b"m" * 100)]
+    msg = Results([ResultSpec(f"t-{i}", True, 0, 1.0, 2.0, None, 1) for i in range(len(frames))])
+    parts, _ = tx.encode(msg, frames)
+    assert len(parts) == 3 + 1  # delimiter, MAC, header, one packed part
+    got = rx_.decode(parts)
+    assert [bytes(f) for f in got.frames] == [bytes(f) for f in frames]
+    big = [b"x" * (PACK_FRAME_LIMIT + 1), b"y"]
+    parts, _ = tx.encode(Results([ResultSpec("t-b", True, 0, 1.0, 2.0, None, 2)]), big)
+    assert len(parts) == 3 + 2  # a big frame: nothing packed
+    assert [bytes(f) for f in rx_.decode(parts).frames] == big
+
+
+@pytest.mark.parametrize("table", [[1, 2], "12", [1, -1, 3], [True, 1], [1] * 3 + [0]])
+def test_bad_packed_table_is_rejected(table: Any) -> None:
+    signer = Codec(KEY, "x").signer
+    header = msgpack.packb({"v": 1, "kind": "results", "id": 1, "sender": "evil", "seq": 1, "ts": time.time(),
+                            "epoch": 0, "pk": table, "results": [["t-1", True, 0, 1.0, 2.0, None, 1],
+                                                                  ["t-2", True, 0, 1.0, 2.0, None, 1]]})
+    payload = [b"abc"]
+    with pytest.raises(MalformedMessage):
+        Codec(KEY, "rx").decode([b"", signer.sign(header, payload), header, *payload])
