@@ -644,7 +644,7 @@ def test_small_frames_travel_packed_and_come_back_apart() -> None:
     assert [bytes(f) for f in rx_.decode(parts).frames] == big
 
 
-@pytest.mark.parametrize("table", [[1, 2], "12", [1, -1, 3], [True, 1], [1] * 3 + [0]])
+@pytest.mark.parametrize("table", [[1, 1], "12", [1, -1, 3], [True, 1], [1] * 3 + [0]])
 def test_bad_packed_table_is_rejected(table: Any) -> None:
     signer = Codec(KEY, "x").signer
     header = msgpack.packb({"v": 1, "kind": "results", "id": 1, "sender": "evil", "seq": 1, "ts": time.time(),
