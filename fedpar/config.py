@@ -127,7 +127,8 @@ class SecurityConfig:
 class StoreConfig:
     """The controller's LMDB store."""
 
-    map_size: int = field(default=64 * MiB, metadata=_doc("initial LMDB map size", size=True))
+    map_size: int = field(default=1024 * MiB, metadata=_doc(
+        "initial LMDB map size (address space only: the file grows with its content)", size=True))
     max_map_size: int = field(default=1 * TiB, metadata=_doc(
         "the map grows on demand up to this size", size=True))
     sync: bool = field(default=False, metadata=_doc("fsync every commit (slower, survives power loss)"))

@@ -86,6 +86,7 @@ def connect_dealer(ctx: zmq.Context[Any], endpoint: str, identity: bytes) -> zmq
     return sock
 
 
+_BIG = 65536  # parts at least this big are sent and received without copying
 _SNDMORE = int(zmq.SNDMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
@@ -102,7 +103,7 @@ def send_parts(sock: zmq.Socket[Any], parts: list[Any]) -> None:
     last = len(parts) - 1
     for i, p in enumerate(parts):
         n = len(p) if type(p) is bytes else memoryview(p).nbytes
-        send(p, _SNDMORE if i < last else 0, copy=n < 65536)  # zero-copy only pays off for big parts
+        send(p, _SNDMORE if i < last else 0, copy=n < _BIG)  # zero-copy only pays off for big parts
 
 
 def readable(sock: zmq.Socket[Any]) -> bool:
@@ -111,14 +112,21 @@ def readable(sock: zmq.Socket[Any]) -> bool:
     return bool(events & _POLLIN)
 
 
-def recv_parts(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
-    """``recv_multipart`` (as bytes) without pyzmq's per-part enum arithmetic. Raises ``zmq.Again``."""
+def recv_parts(sock: zmq.Socket[Any], flags: int = 0) -> list[Any]:
+    """``recv_multipart`` without pyzmq's per-part enum arithmetic. Raises ``zmq.Again``.
+
+    Small parts come back as ``bytes``; big ones as read-only memoryviews of the received zmq message,
+    without a copy (the memoryview keeps the message alive).
+    """
     recv = sock.recv
-    parts: list[bytes] = [recv(flags)]
+    parts: list[Any] = []
     more = sock.getsockopt
-    while more(_RCVMORE):
-        parts.append(recv(0))
-    return parts
+    while True:
+        frame = recv(flags, copy=False)
+        flags = 0
+        parts.append(frame.bytes if len(frame) < _BIG else frame.buffer)
+        if not more(_RCVMORE):
+            return parts
 
 
 def publish_host(host: str) -> str:

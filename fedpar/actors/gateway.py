@@ -442,7 +442,8 @@ class Gateway:
                 self.journal.task_assigned(t)
         refused, why = self.journal.commit()
         for task in self._queued_now:
-            task.frames = None  # stored: a queued task's payload lives in LMDB only, memory stays flat
+            if task.engine is None:  # stored and still queued: its payload lives in LMDB only
+                task.frames = None
         self._queued_now = []
         if refused:
             refused_ids = {t.task_id for t in refused}

@@ -53,7 +53,7 @@ def test_defaults_without_a_file() -> None:
     assert cfg.engines.controller_timeout == 30.0
     assert cfg.security.replay_window == 300.0
     assert cfg.security.insecure is False
-    assert cfg.store.map_size == 64 * MiB
+    assert cfg.store.map_size == 1024 * MiB
     assert cfg.store.max_map_size == TiB
     assert cfg.store.sync is False
     assert cfg.store.retention == 0.0
@@ -339,7 +339,7 @@ def test_to_ini_round_trip(tmp_path: Path) -> None:
 
 def test_to_ini_of_defaults_round_trips(tmp_path: Path) -> None:
     text = Config().to_ini()
-    assert "map_size = 64MiB" in text
+    assert "map_size = 1GiB" in text
     assert load_config(write(tmp_path, text)) == Config()
 
 
@@ -348,7 +348,7 @@ def test_default_config_text_is_loadable_and_documented(tmp_path: Path) -> None:
     for section in ("cluster", "controller", "engines", "security", "store", "discovery"):
         assert f"[{section}]" in text
     assert "# heartbeat = 1.0" in text
-    assert "# map_size = 64MiB" in text
+    assert "# map_size = 1GiB" in text
     assert "seconds between engine heartbeats" in text
     assert load_config(write(tmp_path, text)) == Config()
 
