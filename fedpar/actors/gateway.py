@@ -6,7 +6,7 @@ to the pure state machines (``Scheduler``, ``EngineRegistry``), records the stor
 ``Journal``, commits once, and only then sends acknowledgements, results and task batches. Nothing is
 acknowledged before it is stored, and the per-task cost is a few dictionary operations, not hand-offs.
 
-Other threads (the supervisor, the housekeeper) talk to the gateway with ``call_soon``.
+Other threads (the housekeeper actor, signal handlers) talk to the gateway with ``call_soon``.
 """
 
 from __future__ import annotations
