@@ -84,6 +84,9 @@ class _IOThread(threading.Thread):
         self.running = True
         # Tasks sent but not yet acknowledged: sent again if the controller restarts before its ack.
         self.unacked: dict[str, tuple[TaskSpec, list[Any]]] = {}
+        # Task ids whose result the controller owes us: submissions it acknowledged and results we asked
+        # for. After a restart exactly these are asked for again (never ids it has not heard of yet).
+        self.expected: set[str] = set()
         self.epoch: int | None = None  # the controller incarnation we talk to
         self.last_heard = time.monotonic()
         self.last_ping = 0.0
@@ -148,6 +151,8 @@ class _IOThread(threading.Thread):
                 self._send(item, frames, reply)
 
     def _send(self, msg: Message, frames: list[Any], reply: Future[Received] | None) -> None:
+        if isinstance(msg, GetResults):
+            self.expected.update(msg.task_ids)
         parts, rid = self.codec.encode(msg, frames)
         if reply is not None:
             self.replies[rid] = reply
@@ -166,6 +171,10 @@ class _IOThread(threading.Thread):
                 self._resync(rx.envelope.epoch)
             self.epoch = rx.envelope.epoch
         if isinstance(msg, Results):
+            expected = self.expected
+            for r in msg.results:
+                expected.discard(r.task_id)
+            expected.difference_update(msg.missing)
             self.client._on_results(msg, rx.frames)
             fut = self.replies.pop(msg.reply_to, None) if msg.reply_to else None
             if fut is not None:
@@ -173,6 +182,7 @@ class _IOThread(threading.Thread):
         elif isinstance(msg, SubmitReply):
             for tid in msg.accepted:
                 self.unacked.pop(tid, None)
+            self.expected.update(msg.accepted)
             if msg.rejected:
                 for tid, *_ in msg.rejected:
                     self.unacked.pop(tid, None)
@@ -198,9 +208,7 @@ class _IOThread(threading.Thread):
             n = sum(s.nframes for s in resend[:i])
             m = sum(s.nframes for s in chunk)
             self._send(Submit(chunk), frames[n:n + m], None)
-        queued = {item.task_id for item, _, _ in list(self.outbox) if isinstance(item, TaskSpec)}  # not sent yet
-        with self.client._wlock:
-            waiting = [tid for tid in self.client._waiting if tid not in self.unacked and tid not in queued]
+        waiting = list(self.expected)
         for i in range(0, len(waiting), SUBMIT_BATCH):
             self._send(GetResults(waiting[i:i + SUBMIT_BATCH]), [], None)
 

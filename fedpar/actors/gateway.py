@@ -51,7 +51,7 @@ from fedpar.protocol import (
 from fedpar.recovery import Recovery
 from fedpar.registry import EngineRegistry
 from fedpar.scheduler import Scheduler, Task
-from fedpar.store.records import EngineRecord, TaskRecord
+from fedpar.store.records import FINISHED_STATES, EngineRecord, TaskRecord
 from fedpar.transport import NOBLOCK, Waker, readable, recv_parts, send_parts
 
 log = logging.getLogger(__name__)
@@ -306,13 +306,22 @@ class Gateway:
     def _purge(self, msg: PurgeResults) -> int:
         """Delete finished tasks (in-flight ones are never purged); returns how many."""
         store = self.journal.store
-        if msg.everything:
-            ids = store.all_result_ids()
-        elif msg.before is not None:
-            ids = store.completed_before(msg.before)
+        if msg.everything or msg.before is not None:
+            # Results, and finished tasks whose results were delivered without being stored.
+            finished = store.iter_tasks(states=FINISHED_STATES)
+            if msg.everything:
+                found = set(store.all_result_ids()) | {r.task_id for r in finished}
+            else:
+                before = msg.before
+                assert before is not None
+                found = set(store.completed_before(before)) | {
+                    r.task_id for r in finished if r.completed is not None and r.completed < before}
+            ids = sorted(found)
         else:
-            ids = [t for t in msg.task_ids if store.get_result_record(t) is not None]
-        ids = [t for t in ids if self.scheduler.get(t) is None]
+            ids = [t for t in msg.task_ids
+                   if store.get_result_record(t) is not None
+                   or ((rec := store.get_task(t)) is not None and rec.state in FINISHED_STATES)]
+        ids = [t for t in ids if self.scheduler.get(t) is None and self.recovery.find(t) is None]
         if ids:
             batch = store.batch()  # committed now, on its own: the reply says what really happened
             batch.delete_results(ids)

@@ -228,6 +228,12 @@ class LmdbStore:
         with self._wlock:
             self._check_open()
             self._write(lambda txn: self._apply(txn, ops), deletes_only)
+            if deletes_only and self._map_size > self._max_map_size:
+                # The reserve is for deleting only: give it back so later writes cannot fill it (LMDB never
+                # sets the map below the pages in use, so at worst the pages this purge took remain).
+                with self._rlock:
+                    self._env.set_mapsize(self._max_map_size)
+                    self._map_size = self._env.info()["map_size"]
 
     def next_epoch(self) -> int:
         """Increment the store's epoch in its own transaction and return it (1 on a fresh store)."""
@@ -289,9 +295,10 @@ class LmdbStore:
 
     def _grow(self, deletes_only: bool = False) -> None:
         reserve = max(1 << 20, self._max_map_size // 50)
-        if deletes_only and self._max_map_size <= self._map_size < self._max_map_size + reserve:
+        if deletes_only and self._max_map_size <= self._map_size < self._max_map_size + 8 * reserve:
+            # Relative to the current size: pages a previous purge took above the maximum stay in use.
             with self._rlock:
-                self._env.set_mapsize(self._max_map_size + reserve)
+                self._env.set_mapsize(self._map_size + reserve)
                 self._map_size = self._env.info()["map_size"]
             return
         if self._map_size >= self._max_map_size:
