@@ -98,7 +98,7 @@ def test_store_full_raises_keeps_serving_reads_and_purge_makes_room(make_procs: 
 
     # purge everything: the stored results go (LMDB needs free pages even to delete: a reserve allows it) ...
     purged = client.purge_results(everything=True)
-    assert purged == len(served)
+    assert purged >= len(served)  # also finished tasks whose results were delivered unstored
     with pytest.raises(fedpar.ResultNotFound):
         client.get_result(first_id, block=True, timeout=30)
     # ... and new submissions succeed and are stored again
