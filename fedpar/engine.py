@@ -69,6 +69,7 @@ class Engine:
         self._recent_bytes = 0
         self._resend: deque[str] = deque()  # ids a re-registration asked for again
         self._epoch = 0  # incarnation of the controller this engine is registered with
+        self._current = ""  # id of the task being executed (read by the heartbeat)
 
     # ------------------------------------------------------------------ main thread
     def run(self, register_timeout: float = 30.0) -> int:
@@ -185,6 +186,7 @@ class Engine:
     def _run_task(self, task_id: str, op: str, spec: dict[str, Any], frames: list[Any]) -> tuple[ResultSpec, list[Any]]:
         started = time.time()
         self._busy = True
+        self._current = task_id
         try:
             value = self._execute(op, spec, frames)
             out = dumps_result(value)
@@ -196,6 +198,7 @@ class Engine:
             return ResultSpec(task_id, False, self.engine_id, started, time.time(), err, 0), []
         finally:
             self._busy = False
+            self._current = ""
 
     def _execute(self, op: str, spec: dict[str, Any], frames: list[Any]) -> Any:
         ns = self.namespace
@@ -246,7 +249,7 @@ class Engine:
         reason = ""
         try:
             while not self._stop.is_set() and not reason:
-                parts, _ = codec.encode(Heartbeat(self.engine_id))
+                parts, _ = codec.encode(Heartbeat(self.engine_id, self._current))
                 send_parts(sock, parts)
                 deadline = time.monotonic() + heartbeat
                 unknown = False

@@ -316,6 +316,7 @@ class Heartbeat(Message):
 
     KIND: ClassVar[str] = "heartbeat"
     engine_id: int
+    running: str = ""  # from an engine: the task it is executing right now ("" when idle)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from fedpar.scheduler import Task
-from fedpar.store.records import ASSIGNED, QUEUED, TaskRecord
+from fedpar.store.records import ASSIGNED, QUEUED, RUNNING, TaskRecord
 
 
 def task_from_record(rec: TaskRecord) -> Task:
@@ -40,7 +40,7 @@ class Recovery:
                     self.queued.append(task)
                 else:
                     self.held.setdefault(rec.target, []).append(task)
-            elif rec.state == ASSIGNED and rec.engine is not None:
+            elif rec.state in (ASSIGNED, RUNNING) and rec.engine is not None:
                 self.limbo.setdefault(rec.engine, {})[rec.task_id] = task
 
     @property

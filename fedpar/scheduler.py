@@ -27,7 +27,7 @@ class Task:
     """A task the controller has accepted and not yet finished (in-flight state only)."""
 
     __slots__ = (
-        "assigned", "attempts", "client", "engine", "frames", "nframes", "op", "retries", "spec",
+        "assigned", "attempts", "client", "engine", "frames", "nframes", "op", "retries", "running", "spec",
         "submitted", "target", "task_id",
     )
 
@@ -56,6 +56,7 @@ class Task:
         self.engine: int | None = None
         self.assigned: float | None = None
         self.attempts = attempts
+        self.running = False  # its engine's heartbeat said it executes it
 
 
 class _Engine:
@@ -130,6 +131,7 @@ class Scheduler:
         """Put a task that lost its engine back at the front of the shared queue (a retry)."""
         task.engine = None
         task.assigned = None
+        task.running = False
         self._in_flight[task.task_id] = task
         self._queue.appendleft(task)
 

@@ -352,6 +352,11 @@ class Gateway:
         elif isinstance(msg, Heartbeat):
             known = self.registry.seen(msg.engine_id, now, control_identity=ident)
             self._send(self.engine_sock, ident, Heartbeat(msg.engine_id if known else -1))
+            if known and msg.running:
+                task = self.scheduler.get(msg.running)
+                if task is not None and task.engine == msg.engine_id and not task.running:
+                    task.running = True
+                    self.journal.task_running(task)
         elif isinstance(msg, EngineHello):
             again = self.registry.was_known(msg.uuid) or msg.uuid in {e.uuid for e in self.registry.engines()}
             rec = self.registry.register(msg.uuid, msg.hostname, msg.pid, msg.task_identity, now)

@@ -19,7 +19,7 @@ from fedpar.errors import StoreError, StoreFull
 from fedpar.protocol import ResultSpec
 from fedpar.scheduler import Task
 from fedpar.store.lmdb_store import LmdbStore
-from fedpar.store.records import ASSIGNED, DONE, FAILED, QUEUED, EngineRecord, ResultRecord, TaskRecord
+from fedpar.store.records import ASSIGNED, DONE, FAILED, QUEUED, RUNNING, EngineRecord, ResultRecord, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ class Journal:
     def task_assigned(self, task: Task) -> None:
         rows = self._new_rows if task.task_id in self._new_rows else self._rows
         rows[task.task_id] = task_row(task, ASSIGNED)
+
+    def task_running(self, task: Task) -> None:
+        self._rows[task.task_id] = task_row(task, RUNNING)
 
     def task_requeued(self, task: Task) -> None:
         self._rows[task.task_id] = task_row(task, QUEUED)

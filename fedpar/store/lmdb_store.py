@@ -21,7 +21,7 @@ import msgpack  # type: ignore[import-untyped, unused-ignore]  # no stubs unless
 
 from fedpar.errors import StoreError, StoreFull
 from fedpar.store import schema as S
-from fedpar.store.records import ASSIGNED, QUEUED, EngineRecord, ResultRecord, TaskRecord
+from fedpar.store.records import UNFINISHED_STATES, EngineRecord, ResultRecord, TaskRecord
 
 _T = TypeVar("_T")
 MiB = 1 << 20
@@ -454,7 +454,7 @@ class LmdbStore:
 
     def unfinished_tasks(self) -> list[TaskRecord]:
         """Tasks still queued or assigned (to re-queue after a restart), oldest first."""
-        return self.iter_tasks(states=(QUEUED, ASSIGNED))
+        return self.iter_tasks(states=UNFINISHED_STATES)
 
     def engines(self) -> list[EngineRecord]:
         """Every engine record, by engine id."""

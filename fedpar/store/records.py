@@ -10,12 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Task states. A task moves queued -> assigned -> done | failed (assigned -> queued on a retry).
+# Task states. A task moves queued -> assigned [-> running] -> done | failed (back to queued on a retry).
+# "running" is recorded when the engine's heartbeat names the task it executes: tasks shorter than a
+# heartbeat go from assigned straight to done, at no per-task cost.
 QUEUED = "queued"
 ASSIGNED = "assigned"
+RUNNING = "running"
 DONE = "done"
 FAILED = "failed"
-TASK_STATES = (QUEUED, ASSIGNED, DONE, FAILED)
+TASK_STATES = (QUEUED, ASSIGNED, RUNNING, DONE, FAILED)
+UNFINISHED_STATES = (QUEUED, ASSIGNED, RUNNING)
 FINISHED_STATES = (DONE, FAILED)
 
 

@@ -778,3 +778,16 @@ def test_client_survives_wake_during_drain(cluster, monkeypatch):
     finally:
         monkeypatch.undo()
         client.close()
+
+
+def test_long_task_is_recorded_running_then_done(client):
+    ar = client.load_balanced_view().apply_async(lambda: (time.sleep(2.5), "slept")[1])
+    tid = ar.task_ids[0]
+    deadline = time.monotonic() + 10
+    states = set()
+    while not ar.done() and time.monotonic() < deadline:
+        states |= {r.state for r in client.query_tasks(states=["assigned", "running"]) if r.task_id == tid}
+        time.sleep(0.1)
+    assert ar.get(10) == "slept"
+    assert "running" in states  # named by the engine's heartbeat while it ran
+    assert [r.state for r in client.query_tasks(states=["done"], limit=100_000) if r.task_id == tid] == ["done"]
