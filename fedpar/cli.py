@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fedpar.config import Config, default_config_text, load_config
 from fedpar.errors import FedparError
+from fedpar.runtime import pid_alive
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -102,11 +103,11 @@ def cmd_cluster_stop(args: argparse.Namespace) -> int:
         print(f"controller did not answer ({exc}); signalling the processes", file=sys.stderr)
     pids = [p for p in (info.controller_pid, *info.engine_pids) if _is_fedpar(p)]  # never a reused pid
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.05)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in pids:
-            if _alive(p):
+            if pid_alive(p):
                 os.kill(p, sig)
         time.sleep(0.5 if sig == signal.SIGTERM else 0)
     remove_connection_file(path)
@@ -137,19 +138,6 @@ def _is_fedpar(pid: int) -> bool:
     except OSError:
         return False
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return True
 
 
 def cmd_config(_args: argparse.Namespace) -> int:

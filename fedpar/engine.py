@@ -204,12 +204,12 @@ class Engine:
         ns = self.namespace
         if op == "apply":
             fn = self._functions.load(frames[0])
-            args, kwargs = loads(_writable(frames[1:]))
+            args, kwargs = loads(frames[1:])
             args, kwargs = self._resolve(args, kwargs)
             return fn(*args, **kwargs)
         if op == "map":
             fn = self._functions.load(frames[0])
-            seqs = loads(_writable(frames[1:]))
+            seqs = loads(frames[1:])
             return [fn(*a) for a in zip(*seqs, strict=False)]
         if op == "execute":
             code = spec.get("code")
@@ -218,7 +218,7 @@ class Engine:
             exec(compile(code, "<fedpar-execute>", "exec"), ns)
             return None
         if op == "push":
-            ns.update(loads(_writable(frames)))
+            ns.update(loads(frames))
             return None
         if op == "pull":
             names = spec.get("names")
@@ -309,13 +309,6 @@ class Engine:
             _thread.interrupt_main()
             time.sleep(1.0)
             os._exit(0)
-
-
-def _writable(frames: list[Any]) -> list[Any]:
-    """Out-of-band buffers as writable memory (arrays rebuilt on them must accept writes)."""
-    if len(frames) <= 1:
-        return frames
-    return [frames[0], *(bytearray(f) for f in frames[1:])]
 
 
 def _lookup(ns: dict[str, Any], name: str) -> Any:

@@ -33,8 +33,11 @@ class Recovery:
         self.queued: list[Task] = []  # load-balanced, ready to queue
         self.held: dict[int, list[Task]] = {}  # direct tasks waiting for their engine
         self.limbo: dict[int, dict[str, Task]] = {}  # assigned tasks: engine -> task id -> task
+        self._index: dict[str, Task] = {}  # every task above, by id
         for rec in records:
             task = task_from_record(rec)
+            if rec.state != QUEUED or rec.target is not None:
+                self._index[rec.task_id] = task
             if rec.state == QUEUED:
                 if rec.target is None:
                     self.queued.append(task)
@@ -48,25 +51,21 @@ class Recovery:
         return bool(self.held or self.limbo)
 
     def find(self, task_id: str) -> Task | None:
-        for tasks in self.limbo.values():
-            if task_id in tasks:
-                return tasks[task_id]
-        for held in self.held.values():
-            for t in held:
-                if t.task_id == task_id:
-                    return t
-        return None
+        """A held or limbo task by id (None for others, including re-queued ones)."""
+        return self._index.get(task_id)
 
     def take(self, task_id: str) -> Task | None:
         """Remove and return a recovered task (its result arrived)."""
+        task = self._index.pop(task_id, None)
+        if task is None:
+            return None
         for tasks in self.limbo.values():
-            if task_id in tasks:
-                return tasks.pop(task_id)
+            if tasks.pop(task_id, None) is not None:
+                return task
         for held in self.held.values():
-            for i, t in enumerate(held):
-                if t.task_id == task_id:
-                    return held.pop(i)
-        return None
+            if task in held:
+                held.remove(task)
+        return task
 
     def engine_returned(self, engine_id: int, running: Iterable[str]) -> tuple[list[Task], list[Task], list[Task]]:
         """Engine ``engine_id`` registered again, holding ``running``.
@@ -77,7 +76,10 @@ class Recovery:
         limbo = self.limbo.pop(engine_id, {})
         adopt = [t for tid, t in limbo.items() if tid in holding]
         lost = [t for tid, t in limbo.items() if tid not in holding]
-        return adopt, lost, self.held.pop(engine_id, [])
+        held = self.held.pop(engine_id, [])
+        for t in (*limbo.values(), *held):
+            self._index.pop(t.task_id, None)
+        return adopt, lost, held
 
     def expire(self, now: float) -> tuple[list[Task], list[Task]]:
         """After the deadline: (assigned tasks whose engine never came back, direct tasks likewise)."""
@@ -87,4 +89,5 @@ class Recovery:
         held = [t for tasks in self.held.values() for t in tasks]
         self.limbo.clear()
         self.held.clear()
+        self._index.clear()
         return lost, held

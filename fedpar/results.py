@@ -127,7 +127,7 @@ class AsyncResult(Future[Any]):
             spec, frames = raw
             if not spec.ok:
                 raise error_from_spec(spec)
-            v = loads(_writable(frames))
+            v = loads(frames)
             self._values[index] = v
             self._raw[index] = (spec, [])  # the frames are no longer needed
         return v
@@ -219,8 +219,3 @@ def _bar(out: TextIO, done: int, total: int, elapsed: float, end: str) -> None:
     out.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks  {elapsed:6.1f}s{end}")
     out.flush()
 
-
-def _writable(frames: list[Any]) -> list[Any]:
-    if len(frames) <= 1:
-        return frames
-    return [frames[0], *(bytearray(f) for f in frames[1:])]

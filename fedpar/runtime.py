@@ -65,6 +65,21 @@ class ConnectionInfo:
         return f"ConnectionInfo({shown})"
 
 
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def new_cluster_id() -> str:
     """A short random cluster id (8 hex characters)."""
     return secrets.token_hex(4)

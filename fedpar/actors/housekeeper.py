@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import pykka
 
 from fedpar.actors.gateway import Gateway
+from fedpar.runtime import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +97,7 @@ class Housekeeper(pykka.ThreadingActor):
             # returns to its baseline instead of staying at the high-water mark of a burst.
             self._trimmed_at = finished
             _TRIM(0)  # type: ignore[operator]
-        if self.parent_pid is not None and not _alive(self.parent_pid):
+        if self.parent_pid is not None and not pid_alive(self.parent_pid):
             log.warning("parent process %d is gone; stopping the controller", self.parent_pid)
             gw.stop()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

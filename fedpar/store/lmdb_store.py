@@ -1,5 +1,8 @@
 """The controller's persistent state: one LMDB environment in its state directory.
 
+(Slightly over the 500-line soft cap: one class, mostly docstrings; key layouts and frame chunking are
+already in ``schema``.)
+
 One thread (the controller's journal) writes, in batches: it records operations on a :class:`WriteBatch`
 (cheap: packing and a list append) and applies the whole batch in one write transaction with
 :meth:`LmdbStore.commit`. Any thread may read. The map grows on demand (doubling, up to
