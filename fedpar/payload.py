@@ -50,12 +50,13 @@ def dumps(obj: Any) -> list[Any]:
 def loads(frames: Sequence[Any]) -> Any:
     """Rebuild an object from ``dumps`` frames.
 
-    Out-of-band buffers arrive as read-only message memory; they are copied once into writable memory so
-    that arrays rebuilt on them accept writes, as users expect.
+    Writable out-of-band buffers are used in place (zero-copy). Read-only ones (received message memory)
+    are copied once into writable memory, so that arrays rebuilt on them accept writes, as users expect.
     """
     if not frames:
         raise ValueError("no payload frames")
-    return pickle.loads(frames[0], buffers=[bytearray(f) for f in frames[1:]])
+    bufs = [bytearray(f) if memoryview(f).readonly else f for f in frames[1:]]
+    return pickle.loads(frames[0], buffers=bufs)
 
 
 def dumps_result(obj: Any) -> list[Any]:
