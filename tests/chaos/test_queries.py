@@ -129,7 +129,7 @@ def test_purge_results(procs: Proc) -> None:
     # everything, with another task in flight: only finished tasks go
     slow2 = view.apply_async(nap, 1.5)
     time.sleep(0.3)
-    (running,) = client.query_tasks(states=["assigned"])
+    (running,) = client.query_tasks(states=["assigned", "running"])
     assert running.task_id == tid(slow2)
     assert client.purge_results(everything=True) == len(late_values) + 1
     assert client.purge_results(tid(slow2)) == 0  # in flight: nothing to purge yet
