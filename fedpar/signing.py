@@ -98,13 +98,18 @@ class ReplayGuard:
     """Per-sender sequence high-water marks plus a timestamp window.
 
     ``marks`` can be seeded from persisted state so a restarted controller keeps rejecting replays.
+    Marks of senders silent for more than twice the window are dropped by ``prune``: a message accepted
+    at time T carries a timestamp within ``window`` of T, so after T + 2 * window any replay of it fails
+    the timestamp check anyway. The guard's memory stays proportional to recently active senders.
     """
 
-    __slots__ = ("_marks", "window")
+    __slots__ = ("_marks", "_seen", "window")
 
     def __init__(self, window: float = 300.0, marks: dict[str, int] | None = None):
         self.window = window
         self._marks: dict[str, int] = dict(marks or {})
+        now = time.time()
+        self._seen: dict[str, float] = dict.fromkeys(self._marks, now)
 
     def check(self, sender: str, seq: int, ts: float, now: float | None = None) -> None:
         """Accept (and record) ``seq`` from ``sender`` or raise ``ReplayError``."""
@@ -118,14 +123,20 @@ class ReplayGuard:
         if seq <= self._marks.get(sender, 0):
             raise ReplayError(f"message from {sender!r} repeats sequence number {seq}")
         self._marks[sender] = seq
+        self._seen[sender] = now
 
     def mark(self, sender: str) -> int:
         """The highest sequence number accepted from ``sender`` (0 if none)."""
         return self._marks.get(sender, 0)
 
-    def forget(self, sender: str) -> None:
-        """Drop a sender's mark (it disconnected for good; its id is never reused)."""
-        self._marks.pop(sender, None)
+    def prune(self, now: float | None = None) -> list[str]:
+        """Drop the marks of senders silent for more than ``2 * window``; returns those senders."""
+        limit = (time.time() if now is None else now) - 2 * self.window
+        gone = [s for s, t in self._seen.items() if t < limit]
+        for s in gone:
+            del self._seen[s]
+            self._marks.pop(s, None)
+        return gone
 
     def marks(self) -> dict[str, int]:
         """A copy of all marks (for persisting)."""

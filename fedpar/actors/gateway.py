@@ -118,7 +118,10 @@ class Gateway:
         self._running = False
 
     def persist_marks(self) -> None:
-        """Journal the replay marks that moved since the last call (run on the gateway thread)."""
+        """Journal the replay marks that moved since the last call, and forget those too old to matter
+        (run on the gateway thread)."""
+        for sender in self.codec.guard.prune():
+            self.journal.forget_mark(sender)
         marks = self.codec.guard.marks()
         for sender, seq in marks.items():
             if self._saved_marks.get(sender) != seq:

@@ -83,6 +83,9 @@ class Journal:
     def mark(self, sender: str, seq: int) -> None:
         self._state.put_mark(sender, seq)
 
+    def forget_mark(self, sender: str) -> None:
+        self._state.delete_mark(sender)
+
     def delete_results(self, task_ids: Sequence[str]) -> None:
         self._state.delete_results(task_ids)
 

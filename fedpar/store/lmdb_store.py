@@ -32,7 +32,7 @@ TiB = 1 << 40
 _LOW_SPACE = 4 * MiB  # free bytes below which an I/O error on write counts as a full disk
 
 # Operation codes recorded by WriteBatch (tuples, dispatched in LmdbStore._apply).
-_PUT, _PUT_INPUTS, _PUT_RESULT, _DEL_INPUTS, _DEL_RESULT, _BUMP = range(6)
+_PUT, _PUT_INPUTS, _PUT_RESULT, _DEL_INPUTS, _DEL_RESULT, _BUMP, _DEL = range(7)
 
 
 def _unpack(data: bytes) -> Any:
@@ -100,6 +100,10 @@ class WriteBatch:
     def put_mark(self, sender: str, seq: int) -> None:
         """Set the replay high-water mark of ``sender``."""
         self._ops.append((_PUT, self._store._marks, S.mark_key(sender), S.pack_u64(seq)))
+
+    def delete_mark(self, sender: str) -> None:
+        """Forget the replay mark of ``sender``."""
+        self._ops.append((_DEL, self._store._marks, S.mark_key(sender)))
 
     def delete_results(self, task_ids: Collection[str]) -> None:
         """Delete results, result frames, index entries, inputs and task records of ``task_ids``.
@@ -346,6 +350,8 @@ class LmdbStore:
                     self._drop_result(txn, bcur, key, old, None)
                 txn.delete(key, db=self._tasks)
                 S.delete_prefix(icur, key + b"\x00")
+            elif code == _DEL:
+                txn.delete(op[2], db=op[1])
             elif code == _BUMP:
                 bumps[op[1]] = bumps.get(op[1], 0) + op[2]
         meta = self._meta

@@ -319,10 +319,14 @@ def test_marks_survive_a_restart() -> None:
     g2.check("a", 6, NOW, now=NOW)
 
 
-def test_forget_drops_a_sender() -> None:
-    g = ReplayGuard(window=60)
-    g.check("a", 9, NOW, now=NOW)
-    g.forget("a")
-    g.forget("never-seen")  # no error
-    assert g.mark("a") == 0
-    assert g.marks() == {}
+def test_prune_forgets_only_senders_silent_beyond_twice_the_window() -> None:
+    guard = ReplayGuard(window=10.0)
+    guard.check("old", 1, 1000.0, now=1000.0)
+    guard.check("recent", 1, 1015.0, now=1015.0)
+    assert guard.prune(now=1019.0) == []  # 19 s < 2 x 10 s
+    assert guard.prune(now=1021.0) == ["old"]
+    assert guard.mark("old") == 0 and guard.mark("recent") == 1
+    # a replay of old's last message is still refused, by its timestamp
+    with pytest.raises(ReplayError):
+        guard.check("old", 1, 1000.0, now=1021.0)
+    guard.check("old", 2, 1021.0, now=1021.0)  # a live sender simply starts a new mark
