@@ -63,8 +63,16 @@ class WriteBatch:
         self.put_task_row(rec.task_id, rec.to_row())
 
     def put_task_row(self, task_id: str, row: list[Any]) -> None:
-        """Store (or replace) a task record given as ``TaskRecord.to_row()`` (no record object built)."""
-        self._ops.append((_PUT, self._store._tasks, S.task_key(task_id), self._pack(row)))
+        """Store (or replace) a task record given as ``TaskRecord.to_row()`` (no record object built).
+
+        Keeps ``open_idx`` in step: a task is in it exactly while its state is unfinished.
+        """
+        key = S.task_key(task_id)
+        self._ops.append((_PUT, self._store._tasks, key, self._pack(row)))
+        if row[4] in UNFINISHED_STATES:
+            self._ops.append((_PUT, self._store._open, key, b""))
+        else:
+            self._ops.append((_DEL, self._store._open, key))
 
     def put_inputs(self, task_id: str, frames: Sequence[S.Frame], *, fresh: bool = False) -> None:
         """Store a task's input frames (replacing any stored before). Zero frames store nothing.
@@ -177,7 +185,7 @@ class LmdbStore:
             raise StoreError(f"cannot open store at {self._path}: {e}") from e
         self._tasks, self._inputs, self._results = dbs[S.TASKS], dbs[S.INPUTS], dbs[S.RESULTS]
         self._blobs, self._engines, self._marks = dbs[S.BLOBS], dbs[S.ENGINES], dbs[S.MARKS]
-        self._meta, self._completed = dbs[S.META], dbs[S.COMPLETED_IDX]
+        self._meta, self._completed, self._open = dbs[S.META], dbs[S.COMPLETED_IDX], dbs[S.OPEN_IDX]
         self._dbs = dbs
         self._map_size: int = env.info()["map_size"]
 
@@ -231,7 +239,7 @@ class LmdbStore:
         if batch._store is not self:
             raise ValueError("the batch belongs to another store")
         ops = batch._ops
-        deletes_only = all(op[0] in (_DEL_RESULT, _DEL_INPUTS) for op in ops)
+        deletes_only = all(op[0] in (_DEL_RESULT, _DEL_INPUTS, _DEL) for op in ops)
         with self._wlock:
             self._check_open()
             self._write(lambda txn: self._apply(txn, ops), deletes_only)
@@ -349,6 +357,7 @@ class LmdbStore:
                 if old is not None:
                     self._drop_result(txn, bcur, key, old, None)
                 txn.delete(key, db=self._tasks)
+                txn.delete(key, db=self._open)
                 S.delete_prefix(icur, key + b"\x00")
             elif code == _DEL:
                 txn.delete(op[2], db=op[1])
@@ -462,8 +471,23 @@ class LmdbStore:
         return [TaskRecord.from_row(r) for r in rows]
 
     def unfinished_tasks(self) -> list[TaskRecord]:
-        """Tasks still queued or assigned (to re-queue after a restart), oldest first."""
-        return self.iter_tasks(states=UNFINISHED_STATES)
+        """Tasks still queued, assigned or running (to resume after a restart), oldest first.
+
+        Reads ``open_idx``: the cost depends on the unfinished tasks, not on the results stored.
+        """
+
+        def read(txn: lmdb.Transaction[bytes]) -> list[list[Any]]:
+            tasks = self._tasks
+            rows = []
+            for key in txn.cursor(self._open).iternext(keys=True, values=False):
+                raw = txn.get(key, db=tasks)
+                if raw is not None:
+                    rows.append(_unpack(raw))
+            return rows
+
+        rows = [r for r in self._read(read) if r[4] in UNFINISHED_STATES]
+        rows.sort(key=lambda r: (r[6], r[0]))
+        return [TaskRecord.from_row(r) for r in rows]
 
     def engines(self) -> list[EngineRecord]:
         """Every engine record, by engine id."""

@@ -19,6 +19,9 @@ Sub-databases (all keys and values are bytes; integers are big-endian so keys so
     ``schema_version``, ``epoch``, ``tasks_done``, ``tasks_failed``, ... -> u64
 ``completed_idx``
     completion time in microseconds (u64) + task id -> ``b""`` (purge-by-age and time queries)
+``open_idx``
+    task id -> ``b""`` while the task is queued, assigned or running (a restart reads only these, so its
+    time does not grow with the results stored)
 
 Payload frames are split into chunks of at most :data:`CHUNK` bytes; every frame has at least one chunk
 (a zero-length frame has one empty chunk), so frame boundaries survive a round trip (helpers at the end
@@ -40,7 +43,7 @@ import msgpack  # type: ignore[import-untyped, unused-ignore]
 if TYPE_CHECKING:
     import lmdb
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 CHUNK: Final = 1 << 20  # largest value written for one payload chunk (1 MiB)
 
@@ -53,7 +56,8 @@ ENGINES: Final = b"engines"
 MARKS: Final = b"marks"
 META: Final = b"meta"
 COMPLETED_IDX: Final = b"completed_idx"
-ALL_DBS: Final = (TASKS, INPUTS, RESULTS, BLOBS, ENGINES, MARKS, META, COMPLETED_IDX)
+OPEN_IDX: Final = b"open_idx"  # task id -> b"" for tasks not finished: a restart reads only these
+ALL_DBS: Final = (TASKS, INPUTS, RESULTS, BLOBS, ENGINES, MARKS, META, COMPLETED_IDX, OPEN_IDX)
 
 # Keys in ``meta``.
 META_SCHEMA_VERSION: Final = b"schema_version"
