@@ -19,7 +19,7 @@ from fedpar.errors import StoreError, StoreFull
 from fedpar.protocol import ResultSpec
 from fedpar.scheduler import Task
 from fedpar.store.lmdb_store import LmdbStore
-from fedpar.store.records import ASSIGNED, DONE, FAILED, QUEUED, RUNNING, EngineRecord, ResultRecord, TaskRecord
+from fedpar.store.records import ASSIGNED, DONE, FAILED, QUEUED, RUNNING, EngineRecord, ResultRecord
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,6 @@ def task_row(task: Task, state: str, completed: float | None = None) -> list[Any
         task.task_id, task.client, task.op, task.target, state, task.engine, task.submitted,
         task.assigned, completed, task.attempts, task.retries, task.spec,
     ]
-
-
-def task_record(task: Task, state: str, completed: float | None = None) -> TaskRecord:
-    return TaskRecord.from_row(task_row(task, state, completed))
 
 
 class Journal:
@@ -72,8 +68,7 @@ class Journal:
         rec = ResultRecord(
             res.task_id, res.ok, res.engine, res.started, res.completed,
             (res.error[0], res.error[1], res.error[2]) if res.error is not None else None,
-            tuple(memoryview(f).nbytes for f in frames),
-        )
+        )  # frame_sizes: the store records the sizes of the frames it writes
         self._results.put_result(rec, frames)
         self._rows[task.task_id] = task_row(task, DONE if res.ok else FAILED, res.completed)
 
