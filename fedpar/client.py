@@ -7,6 +7,7 @@ waiting ``AsyncResult`` objects.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -27,11 +28,16 @@ from fedpar.errors import (
     FedparError,
     ProtocolError,
     ResultNotFound,
+    StreamCorrupted,
+    StreamError,
+    StreamTimeout,
     TimeoutError,
     UnknownEngineError,
 )
 from fedpar.protocol import (
+    Chunk,
     ClientHello,
+    Credit,
     EngineEvent,
     ErrorReply,
     GetResults,
@@ -40,10 +46,12 @@ from fedpar.protocol import (
     PurgeResults,
     QueryTasks,
     Results,
+    ResultSpec,
     Shutdown,
     ShutdownReply,
     StatusReply,
     StatusRequest,
+    StreamAbort,
     Submit,
     SubmitReply,
     TaskList,
@@ -53,6 +61,16 @@ from fedpar.protocol import (
 from fedpar.results import AsyncResult, as_list, first
 from fedpar.runtime import ConnectionInfo, read_connection_file
 from fedpar.store.records import TaskRecord
+from fedpar.streams import (
+    Receiver,
+    Sender,
+    StreamSettings,
+    frame_size,
+    memory_source,
+    parse_head,
+    should_stream,
+    untrusted_chunk_sid,
+)
 from fedpar.transport import NOBLOCK, Waker, connect_dealer, readable, recv_parts, send_parts
 
 if TYPE_CHECKING:
@@ -90,6 +108,12 @@ class _IOThread(threading.Thread):
         self.epoch: int | None = None  # the controller incarnation we talk to
         self.last_heard = time.monotonic()
         self.last_ping = 0.0
+        # Streams (large payloads): uploads of task arguments by stream id, downloads of results.
+        self.settings = StreamSettings()
+        self.sids = itertools.count(1)
+        self.senders: dict[int, tuple[str, Sender]] = {}
+        self.upload_of: dict[str, int] = {}  # task id -> stream id of its upload
+        self.receivers: dict[int, tuple[ResultSpec, Receiver]] = {}
 
     def queue(self, item: Message | TaskSpec, frames: list[Any], reply: Future[Received] | None = None) -> None:
         self.outbox.append((item, frames, reply))
@@ -122,6 +146,8 @@ class _IOThread(threading.Thread):
                         if not readable(self.sock):
                             break
                         self._on_message(recv_parts(self.sock, NOBLOCK))
+                if self.senders or self.receivers:
+                    self._expire_streams(time.monotonic())
         except Exception:  # pragma: no cover - a bug here must not hang the user silently
             log.exception("client I/O thread failed")
             self.client._fail_all(ControllerUnavailable("the client's I/O thread failed; see the log"))
@@ -134,18 +160,21 @@ class _IOThread(threading.Thread):
         while out:
             item, frames, reply = out.popleft()
             if isinstance(item, TaskSpec):
-                specs, allframes = [item], list(frames)
-                size = _nbytes(frames)
+                specs: list[TaskSpec] = []
+                allframes: list[Any] = []
+                size = 0
+                out.appendleft((item, frames, reply))
                 while (out and isinstance(out[0][0], TaskSpec) and len(specs) < SUBMIT_BATCH
                        and size < SUBMIT_BATCH_BYTES):
                     nxt, nframes, _ = out.popleft()
-                    specs.append(nxt)  # type: ignore[arg-type]
-                    allframes.extend(nframes)
-                    size += _nbytes(nframes)
-                pos = 0
-                for spec in specs:
-                    self.unacked[spec.task_id] = (spec, allframes[pos:pos + spec.nframes])
-                    pos += spec.nframes
+                    assert isinstance(nxt, TaskSpec)
+                    specs.append(nxt)
+                    self.unacked[nxt.task_id] = (nxt, nframes)
+                    if "stream" in nxt.spec:  # large arguments: sent as a stream when the controller grants credit
+                        self._open_upload(nxt, nframes)
+                    else:
+                        allframes.extend(nframes)
+                        size += _nbytes(nframes)
                 self._send(Submit(specs), allframes, None)
             else:
                 self._send(item, frames, reply)
@@ -163,6 +192,11 @@ class _IOThread(threading.Thread):
             rx = self.codec.decode(parts)
         except ProtocolError as exc:
             log.warning("dropped a bad message from the controller: %s", exc)
+            if self.receivers:
+                sid = untrusted_chunk_sid(parts)
+                if sid in self.receivers:
+                    self._abort_download(sid, StreamCorrupted(
+                        f"a chunk of stream {sid} failed authentication ({exc}); stream aborted"))
             return
         msg = rx.msg
         self.last_heard = time.monotonic()
@@ -170,12 +204,22 @@ class _IOThread(threading.Thread):
             if self.epoch is not None:
                 self._resync(rx.envelope.epoch)
             self.epoch = rx.envelope.epoch
-        if isinstance(msg, Results):
+        if isinstance(msg, Chunk):
+            self._on_chunk(msg, rx.frames[0])
+        elif isinstance(msg, Credit):
+            got = self.senders.get(msg.sid)
+            if got is not None:
+                self._pump(got[1], msg.upto)
+        elif isinstance(msg, Results):
             expected = self.expected
-            for r in msg.results:
+            results = msg.results
+            frames = rx.frames
+            if any(r.stream is not None for r in results):  # large results follow as streams
+                results, frames = self._open_downloads(results, frames)
+            for r in results:
                 expected.discard(r.task_id)
             expected.difference_update(msg.missing)
-            self.client._on_results(msg, rx.frames)
+            self.client._on_results(results, frames, msg.missing)
             fut = self.replies.pop(msg.reply_to, None) if msg.reply_to else None
             if fut is not None:
                 fut.set_result(rx)
@@ -183,10 +227,16 @@ class _IOThread(threading.Thread):
             for tid in msg.accepted:
                 self.unacked.pop(tid, None)
             self.expected.update(msg.accepted)
+            if self.upload_of:
+                for tid in msg.accepted:
+                    self._close_upload(tid)
             if msg.rejected:
                 for tid, *_ in msg.rejected:
                     self.unacked.pop(tid, None)
+                    self._close_upload(tid)
                 self.client._on_rejected(msg.rejected)
+        elif isinstance(msg, StreamAbort):
+            self._on_stream_abort(msg)
         elif isinstance(msg, EngineEvent):
             self.client._on_engine_event(msg.registered, msg.unregistered)
         else:
@@ -196,18 +246,129 @@ class _IOThread(threading.Thread):
                 fut.set_result(rx)
 
 
+    # ------------------------------------------------------------------ streams
+    def _open_upload(self, spec: TaskSpec, frames: list[Any]) -> None:
+        sid, sizes = spec.spec["stream"]
+        self.senders[sid] = (spec.task_id, Sender(sid, sizes, memory_source(frames), time.monotonic()))
+        self.upload_of[spec.task_id] = sid
+
+    def _close_upload(self, task_id: str) -> None:
+        sid = self.upload_of.pop(task_id, None)
+        if sid is not None:
+            self.senders.pop(sid, None)
+
+    def _pump(self, sender: Sender, upto: int) -> None:
+        sender.grant(upto, time.monotonic())
+        sid = sender.sid
+        for index, data in sender.ready():
+            self._send(Chunk(sid, index), [data], None)
+
+    def _open_downloads(self, results: list[ResultSpec], frames: list[Any]) -> tuple[list[ResultSpec], list[Any]]:
+        """Start receiving the streamed results of a ``Results`` message; returns the inline ones."""
+        inline: list[ResultSpec] = []
+        inline_frames: list[Any] = []
+        pos = 0
+        now = time.monotonic()
+        for r in results:
+            fr = frames[pos:pos + r.nframes]
+            pos += r.nframes
+            if r.stream is None:
+                inline.append(r)
+                inline_frames.extend(fr)
+                continue
+            try:
+                sid, sizes = parse_head(r.stream)
+            except ProtocolError as exc:
+                self.client._fail_task(r.task_id, StreamCorrupted(f"bad stream head: {exc}", task_id=r.task_id))
+                continue
+            rec = Receiver(sid, sizes, self.settings.window, now)
+            self.receivers[sid] = (r, rec)
+            upto = rec.credit()
+            if upto is not None:
+                self._send(Credit(sid, upto), [], None)
+        return inline, inline_frames
+
+    def _on_chunk(self, msg: Chunk, data: Any) -> None:
+        got = self.receivers.get(msg.sid)
+        if got is None:
+            return  # a stream abandoned already
+        spec, rec = got
+        try:
+            rec.accept(msg.index, data, time.monotonic())
+        except StreamCorrupted as exc:
+            self._abort_download(msg.sid, exc)
+            return
+        if rec.done:
+            del self.receivers[msg.sid]
+            self.expected.discard(spec.task_id)
+            frames = rec.frames()
+            self.client._on_results([spec._replace(nframes=len(frames), stream=None)], frames, [])
+            return
+        upto = rec.credit()
+        if upto is not None:
+            self._send(Credit(msg.sid, upto), [], None)
+
+    def _abort_download(self, sid: int, exc: StreamError, tell: bool = True) -> None:
+        got = self.receivers.pop(sid, None)
+        if got is None:
+            return
+        tid = got[0].task_id
+        self.expected.discard(tid)
+        exc.task_id = tid
+        if tell:
+            self._send(StreamAbort(sid, type(exc).__name__, str(exc)), [], None)
+        self.client._fail_task(tid, exc)
+
+    def _on_stream_abort(self, msg: StreamAbort) -> None:
+        """The controller gave up on a stream: an upload (it refuses the task separately) or a download."""
+        got = self.senders.pop(msg.sid, None)
+        if got is not None:
+            self.upload_of.pop(got[0], None)
+            return
+        if msg.sid in self.receivers:
+            from fedpar import errors
+
+            cls = getattr(errors, msg.ename, None)
+            exc = cls(msg.evalue) if isinstance(cls, type) and issubclass(cls, StreamError) else None
+            self._abort_download(msg.sid, exc or errors.StreamAborted(f"{msg.ename}: {msg.evalue}"), tell=False)
+
+    def _expire_streams(self, now: float) -> None:
+        timeout = self.settings.timeout
+        for sid, (spec, rec) in list(self.receivers.items()):
+            if rec.idle(now, timeout):
+                self._abort_download(sid, StreamTimeout(
+                    f"result of task {spec.task_id}: no chunk for {timeout:.0f}s ({rec.next} of {len(rec)} received)"))
+        for sid, (tid, sender) in list(self.senders.items()):
+            if sender.idle(now, timeout):  # the controller abandoned it (it refuses the task itself)
+                del self.senders[sid]
+                self.upload_of.pop(tid, None)
+
     def _resync(self, epoch: int) -> None:
         """The controller restarted: send unacknowledged tasks again (flagged, so a task it had already
         stored is not run twice) and ask again for every result still awaited."""
         log.warning("controller restarted (epoch %s -> %s); resynchronising %d unacknowledged task(s)",
                     self.epoch, epoch, len(self.unacked))
-        resend = [spec._replace(spec={**spec.spec, "resubmit": True}) for spec, _ in self.unacked.values()]
-        frames = [f for _, fr in self.unacked.values() for f in fr]
+        self.senders.clear()
+        self.upload_of.clear()
+        self.receivers.clear()  # results being downloaded are in ``expected``: asked for again below
+        resend: list[TaskSpec] = []
+        frames: list[Any] = []
+        for spec, fr in self.unacked.values():
+            flags = {**spec.spec, "resubmit": True}
+            if "stream" in spec.spec:
+                flags["stream"] = [next(self.sids), spec.spec["stream"][1]]
+                spec = spec._replace(spec=flags)
+                self._open_upload(spec, fr)
+            else:
+                spec = spec._replace(spec=flags)
+                frames.extend(fr)
+            resend.append(spec)
+        pos = 0
         for i in range(0, len(resend), SUBMIT_BATCH):
             chunk = resend[i:i + SUBMIT_BATCH]
-            n = sum(s.nframes for s in resend[:i])
             m = sum(s.nframes for s in chunk)
-            self._send(Submit(chunk), frames[n:n + m], None)
+            self._send(Submit(chunk), frames[pos:pos + m], None)
+            pos += m
         waiting = list(self.expected)
         for i in range(0, len(waiting), SUBMIT_BATCH):
             self._send(GetResults(waiting[i:i + SUBMIT_BATCH]), [], None)
@@ -252,6 +413,7 @@ class Client:
             self.close()
             raise
         assert isinstance(welcome, Welcome)
+        self._io.settings = StreamSettings.from_wire(welcome.stream)
         self.controller_id = welcome.controller
         self._on_engine_event(welcome.engines, [])
 
@@ -295,21 +457,32 @@ class Client:
         with self._wlock:
             for i, tid in enumerate(ids):
                 self._waiting[tid] = [(ar, i)]
-        queue = self._io.queue
+        io = self._io
+        threshold = io.settings.threshold
         for tid, (op, target, frames, spec) in zip(ids, items, strict=True):
-            queue(TaskSpec(tid, op, target, len(frames), retries, spec), frames)
+            if should_stream(frames, threshold):  # too big for one message: its bytes follow as a stream
+                spec = {**spec, "stream": [next(io.sids), [frame_size(f) for f in frames]]}
+                io.queue(TaskSpec(tid, op, target, 0, retries, spec), frames)
+            else:
+                io.queue(TaskSpec(tid, op, target, len(frames), retries, spec), frames)
         return ar
 
-    def _on_results(self, msg: Results, frames: list[Any]) -> None:
+    def _fail_task(self, task_id: str, exc: FedparError) -> None:
+        with self._wlock:
+            waiters = self._waiting.pop(task_id, ())
+        for ar, i in waiters:
+            ar._fail(i, exc)
+
+    def _on_results(self, results: Sequence[ResultSpec], frames: list[Any], missing: Sequence[str]) -> None:
         pos = 0
-        for spec in msg.results:
+        for spec in results:
             fr = frames[pos:pos + spec.nframes]
             pos += spec.nframes
             with self._wlock:
                 waiters = self._waiting.pop(spec.task_id, ())
             for ar, i in waiters:
                 ar._deliver(i, spec, fr)
-        for tid in msg.missing:
+        for tid in missing:
             with self._wlock:
                 waiters = self._waiting.pop(tid, ())
             for ar, i in waiters:

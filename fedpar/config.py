@@ -24,7 +24,7 @@ from fedpar.errors import ConfigError
 
 __all__ = [
     "CONFIG_ENV", "ClusterConfig", "Config", "ControllerConfig", "DiscoveryConfig", "EnginesConfig",
-    "SecurityConfig", "StoreConfig", "check_cluster_id", "default_config_text", "format_size",
+    "SecurityConfig", "StoreConfig", "StreamConfig", "check_cluster_id", "default_config_text", "format_size",
     "load_config", "parse_size",
 ]
 
@@ -144,6 +144,24 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    """Large payloads: sent as chunk streams with credit-based flow control (told to clients and engines)."""
+
+    threshold: int = field(default=4 * MiB, metadata=_doc(
+        "payloads (one task's arguments, one result) larger than this travel as a chunk stream", size=True))
+    window: int = field(default=8 * MiB, metadata=_doc(
+        "credit per stream: bytes in flight beyond what the receiver consumed (whole 1 MiB chunks)",
+        size=True))
+    timeout: float = field(default=30.0, metadata=_doc(
+        "a stream that makes no progress for this many seconds fails with StreamTimeout"))
+
+    def __post_init__(self) -> None:
+        _check(self.threshold >= 0, "stream", "threshold", self.threshold, "must be >= 0")
+        _check(self.window >= MiB, "stream", "window", self.window, "must be at least 1 MiB (one chunk)")
+        _positive("stream", "timeout", self.timeout)
+
+
+@dataclass(frozen=True)
 class DiscoveryConfig:
     """The registry through which controllers find each other."""
 
@@ -158,6 +176,7 @@ class Config:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     engines: EnginesConfig = field(default_factory=EnginesConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _thread
 import builtins
+import itertools
 import logging
 import os
 import signal
@@ -22,11 +23,39 @@ from typing import Any
 
 import zmq
 
-from fedpar.codec import Codec
-from fedpar.errors import ControllerUnavailable, ProtocolError
+from fedpar.codec import Codec, Received
+from fedpar.errors import (
+    ControllerUnavailable,
+    ProtocolError,
+    StreamAborted,
+    StreamCorrupted,
+    StreamError,
+    StreamTimeout,
+)
 from fedpar.payload import FunctionCache, describe_exception, dumps, dumps_result, loads
-from fedpar.protocol import EngineHello, EngineStop, EngineWelcome, Heartbeat, Results, ResultSpec, Tasks
+from fedpar.protocol import (
+    Chunk,
+    Credit,
+    EngineHello,
+    EngineStop,
+    EngineWelcome,
+    Heartbeat,
+    Results,
+    ResultSpec,
+    StreamAbort,
+    Tasks,
+)
 from fedpar.runtime import ConnectionInfo
+from fedpar.streams import (
+    Receiver,
+    Sender,
+    StreamSettings,
+    frame_size,
+    memory_source,
+    parse_head,
+    should_stream,
+    untrusted_chunk_sid,
+)
 from fedpar.transport import connect_dealer, readable, recv_parts, send_parts
 
 log = logging.getLogger(__name__)
@@ -70,6 +99,9 @@ class Engine:
         self._resend: deque[str] = deque()  # ids a re-registration asked for again
         self._epoch = 0  # incarnation of the controller this engine is registered with
         self._current = ""  # id of the task being executed (read by the heartbeat)
+        self._stream = StreamSettings()  # the cluster's, from the controller's welcome
+        self._sids = itertools.count(1)
+        self._backlog: deque[Received] = deque()  # messages read while a stream was in progress
 
     # ------------------------------------------------------------------ main thread
     def run(self, register_timeout: float = 30.0) -> int:
@@ -105,6 +137,7 @@ class Engine:
                 if isinstance(rx.msg, EngineWelcome):
                     self.engine_id = rx.msg.engine_id
                     self._epoch = rx.envelope.epoch
+                    self._stream = StreamSettings.from_wire(rx.msg.stream)
                     log.info("registered as engine %d with controller %s", self.engine_id, rx.msg.controller)
                     return rx.msg.heartbeat
         raise ControllerUnavailable(
@@ -120,16 +153,19 @@ class Engine:
         while not self._stop.is_set():
             if self._resend:
                 self._resend_results(sock, codec)
-            if not (readable(sock) or (not results and poller.poll(200))):
-                if results:
-                    self._send_results(sock, codec, results, frames)
-                    results, frames = [], []
-                continue
-            try:
-                rx = codec.decode(recv_parts(sock))
-            except ProtocolError as exc:
-                log.warning("dropped a bad message on the task socket: %s", exc)
-                continue
+            if self._backlog:
+                rx = self._backlog.popleft()
+            else:
+                if not (readable(sock) or (not results and poller.poll(200))):
+                    if results:
+                        self._send_results(sock, codec, results, frames)
+                        results, frames = [], []
+                    continue
+                try:
+                    rx = codec.decode(recv_parts(sock))
+                except ProtocolError as exc:
+                    log.warning("dropped a bad message on the task socket: %s", exc)
+                    continue
             if isinstance(rx.msg, EngineStop):
                 break
             if not isinstance(rx.msg, Tasks):
@@ -146,7 +182,22 @@ class Engine:
             for spec in rx.msg.tasks:
                 tframes = rx.frames[pos:pos + spec.nframes]
                 pos += spec.nframes
+                head = spec.spec.get("stream")
+                if head is not None:  # large arguments: received into their final memory first
+                    try:
+                        tframes = self._receive_stream(sock, codec, head)
+                    except StreamError as exc:
+                        now = time.time()
+                        results.append(ResultSpec(spec.task_id, False, self.engine_id, now, now,
+                                                  [f"fedpar.{type(exc).__name__}", str(exc), ""], 0))
+                        continue
                 res, rframes = self._run_task(spec.task_id, spec.op, spec.spec, tframes)
+                if should_stream(rframes, self._stream.threshold):  # a large result: sent as a stream
+                    if results:
+                        self._send_results(sock, codec, results, frames)
+                        results, frames = [], []
+                    self._stream_result(sock, codec, res, rframes)
+                    continue
                 results.append(res)
                 frames.extend(rframes)
             if len(results) >= RESULT_BATCH or time.monotonic() - first_pending > RESULT_BATCH_SECONDS:
@@ -169,6 +220,94 @@ class Engine:
         while recent and (len(recent) > RECENT_RESULTS or self._recent_bytes > RECENT_BYTES):
             _, (_, fr) = recent.popitem(last=False)
             self._recent_bytes -= sum(len(f) for f in fr)
+
+    # ------------------------------------------------------------------ streams
+    def _next_message(self, sock: zmq.Socket[Any], codec: Codec, sid: int, deadline: float) -> Received | None:
+        """The next message of stream ``sid`` (a chunk, credit or abort) within ``deadline``; other messages
+        go to the backlog. None on timeout. Raises ``StreamCorrupted`` for a chunk failing authentication."""
+        while True:
+            left = deadline - time.monotonic()
+            if self._stop.is_set():
+                raise StreamAborted("the engine is stopping")
+            if left <= 0 or not sock.poll(int(min(left, 0.2) * 1000) + 1):
+                if left <= 0:
+                    return None
+                continue
+            parts = recv_parts(sock)
+            try:
+                rx = codec.decode(parts)
+            except ProtocolError as exc:
+                if untrusted_chunk_sid(parts) == sid:
+                    raise StreamCorrupted(f"a chunk of stream {sid} failed authentication ({exc})") from None
+                log.warning("dropped a bad message on the task socket: %s", exc)
+                continue
+            msg = rx.msg
+            if isinstance(msg, (Chunk, Credit, StreamAbort)):
+                if msg.sid == sid:
+                    return rx
+                continue  # a stream that is over
+            self._backlog.append(rx)
+
+    def _receive_stream(self, sock: zmq.Socket[Any], codec: Codec, head: Any) -> list[Any]:
+        """Receive a task's streamed arguments into their final memory (one bytearray per frame)."""
+        sid, sizes = parse_head(head)
+        timeout = self._stream.timeout
+        rec = Receiver(sid, sizes, self._stream.window, time.monotonic())
+        try:
+            while not rec.done:
+                upto = rec.credit()
+                if upto is not None:
+                    send_parts(sock, codec.encode(Credit(sid, upto))[0])
+                rx = self._next_message(sock, codec, sid, rec.touched + timeout)
+                if rx is None:
+                    raise StreamTimeout(f"no chunk of the task's arguments for {timeout:.0f}s "
+                                        f"({rec.next} of {len(rec)} received)")
+                msg = rx.msg
+                if isinstance(msg, StreamAbort):
+                    raise StreamAborted(f"the controller abandoned the arguments' stream: {msg.ename}: {msg.evalue}")
+                if isinstance(msg, Chunk):
+                    rec.accept(msg.index, rx.frames[0], time.monotonic())
+        except StreamError as exc:
+            if not isinstance(exc, StreamAborted):
+                send_parts(sock, codec.encode(StreamAbort(sid, type(exc).__name__, str(exc)))[0])
+            raise
+        return rec.frames()
+
+    def _stream_result(self, sock: zmq.Socket[Any], codec: Codec, res: ResultSpec, frames: list[Any]) -> None:
+        """Send a large result as a stream, as fast as the controller grants credit."""
+        sid = next(self._sids)
+        sizes = [frame_size(f) for f in frames]
+        timeout = self._stream.timeout
+        sender = Sender(sid, sizes, memory_source(frames), time.monotonic())
+        send_parts(sock, codec.encode(Results([res._replace(nframes=0, stream=[sid, sizes])]))[0])
+        why = ""
+        try:
+            while not sender.done:
+                rx = self._next_message(sock, codec, sid, sender.touched + timeout)
+                if rx is None:
+                    why = f"StreamTimeout: the controller granted no credit for {timeout:.0f}s"
+                    break
+                msg = rx.msg
+                if isinstance(msg, StreamAbort):
+                    if msg.evalue.startswith("duplicate"):  # the task is finished already: nothing is lost
+                        self._holding.discard(res.task_id)
+                        return
+                    why = f"{msg.ename}: {msg.evalue}"
+                    break
+                if isinstance(msg, Credit):
+                    sender.grant(msg.upto, time.monotonic())
+                    for index, data in sender.ready():
+                        send_parts(sock, codec.encode(Chunk(sid, index), [data])[0])
+        except StreamError as exc:
+            why = f"{type(exc).__name__}: {exc}"
+        if why:  # report the failure instead, so the task does not wait for ever
+            log.warning("could not stream the result of task %s: %s", res.task_id, why)
+            ename = why.split(":", 1)[0]
+            err = res._replace(ok=False, nframes=0, stream=None,
+                               error=[f"fedpar.{ename}", f"the result stream failed: {why}", ""])
+            self._send_results(sock, codec, [err], [])
+            return
+        self._holding.discard(res.task_id)
 
     def _resend_results(self, sock: zmq.Socket[Any], codec: Codec) -> None:
         """Send again the results a restarted controller asked for (those still remembered)."""
@@ -272,6 +411,7 @@ class Engine:
                     elif isinstance(msg, EngineWelcome):
                         last_ack = time.monotonic()
                         self._epoch = rx.envelope.epoch
+                        self._stream = StreamSettings.from_wire(msg.stream)
                         self._resend.extend(msg.resend)
                         if msg.engine_id != self.engine_id:
                             log.info("engine %d is now engine %d", self.engine_id, msg.engine_id)

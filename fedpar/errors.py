@@ -18,7 +18,11 @@ Hierarchy::
     │   ├── RemoteError             user code raised on an engine (type, message, traceback)
     │   ├── EngineError             the engine running the task died or was lost
     │   ├── TaskAborted             the task was cancelled before it ran
-    │   └── ResultNotFound          no such task id in the controller's store
+    │   ├── ResultNotFound          no such task id in the controller's store
+    │   └── StreamError             a large payload's chunk stream failed (nothing partial is kept)
+    │       ├── StreamTimeout       the sender stalled or died mid-stream
+    │       ├── StreamCorrupted     a chunk failed authentication or broke the announced layout
+    │       └── StreamAborted       the other end abandoned the stream
     ├── CompositeError              several tasks of one request failed; lists each
     ├── StoreError                  the controller's LMDB store failed
     │   └── StoreFull               the store hit its size limit or the disk is full
@@ -134,6 +138,22 @@ class TaskAborted(TaskError):
 
 class ResultNotFound(TaskError):
     """The controller's store holds no task with this id (never submitted, or purged)."""
+
+
+class StreamError(TaskError):
+    """A large payload travelling as a chunk stream did not arrive whole; its partial state was freed."""
+
+
+class StreamTimeout(StreamError):
+    """No chunk (or no credit) moved within the stream timeout: the sender stalled or died."""
+
+
+class StreamCorrupted(StreamError):
+    """A chunk failed authentication or did not fit the announced layout; the stream was aborted."""
+
+
+class StreamAborted(StreamError):
+    """The other end of the stream gave up on it (for example the payload was purged meanwhile)."""
 
 
 class CompositeError(FedparError):

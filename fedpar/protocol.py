@@ -79,6 +79,8 @@ class ResultSpec(NamedTuple):
     """One task outcome inside ``Results`` (engine -> controller -> client).
 
     ``error`` is ``[type name, message, traceback text]`` when ``ok`` is false; frames then are empty.
+    ``stream`` is ``[stream id, frame sizes]`` when the payload follows as a chunk stream (``nframes``
+    is then 0; see ``fedpar.streams``).
     """
 
     task_id: str
@@ -88,12 +90,14 @@ class ResultSpec(NamedTuple):
     completed: float
     error: list[str] | None
     nframes: int
+    stream: list[Any] | None = None
 
     @classmethod
     def from_wire(cls, row: Any) -> "ResultSpec":
-        if not (isinstance(row, list) and len(row) == 7):
-            raise MalformedMessage("result item must be a list of 7 fields")
-        task_id, ok, engine, started, completed, error, nframes = row
+        if not (isinstance(row, list) and len(row) in (7, 8)):
+            raise MalformedMessage("result item must be a list of 7 or 8 fields")
+        task_id, ok, engine, started, completed, error, nframes = row[:7]
+        stream = row[7] if len(row) == 8 else None
         if not (
             valid_task_id(task_id)
             and isinstance(ok, bool)
@@ -103,12 +107,14 @@ class ResultSpec(NamedTuple):
             and (error is None or (isinstance(error, list) and len(error) == 3
                                    and all(isinstance(e, str) for e in error)))
             and _is_int(nframes) and 0 <= nframes <= MAX_FRAMES
+            and (stream is None or isinstance(stream, list))
         ):
             raise MalformedMessage("result item has a field of the wrong type or range")
-        return cls(task_id, ok, engine, started, completed, error, nframes)
+        return cls(task_id, ok, engine, started, completed, error, nframes, stream)
 
 
 MAX_FRAMES = 1 << 16
+CHUNK_BYTES = 1 << 20  # a streamed payload travels in chunks of this size (the store keeps the same chunks)
 
 
 def _is_int(v: object) -> bool:
@@ -143,6 +149,7 @@ class Welcome(Message):
     reply_to: int
     controller: str
     engines: list[int]
+    stream: dict[str, Any] = field(default_factory=dict)  # the cluster's stream settings (threshold, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +314,7 @@ class EngineWelcome(Message):
     heartbeat: float
     controller: str
     resend: list[str] = field(default_factory=list)  # results to send again (lost with a previous controller)
+    stream: dict[str, Any] = field(default_factory=dict)  # the cluster's stream settings (threshold, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,13 +343,42 @@ class EngineStop(Message):
     reason: str = ""
 
 
+# streams (any direction) -----------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Chunk(Message):
+    """Chunk ``index`` of stream ``sid``: its single payload frame holds the bytes (see ``fedpar.streams``)."""
+
+    KIND: ClassVar[str] = "chunk"
+    sid: int
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Credit(Message):
+    """The receiver of stream ``sid`` accepts chunks whose index is below ``upto``."""
+
+    KIND: ClassVar[str] = "credit"
+    sid: int
+    upto: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAbort(Message):
+    """Stream ``sid`` is abandoned by whichever end sends this; ``ename`` names a ``fedpar.errors`` class."""
+
+    KIND: ClassVar[str] = "stream_abort"
+    sid: int
+    ename: str
+    evalue: str
+
+
 # --------------------------------------------------------------------------- decoding
 KINDS: dict[str, type[Message]] = {
     cls.KIND: cls
     for cls in (
         ClientHello, Welcome, Submit, SubmitReply, Results, GetResults, StatusRequest, StatusReply,
         EngineEvent, Shutdown, ShutdownReply, ErrorReply, EngineHello, EngineWelcome, Heartbeat,
-        Tasks, EngineStop, QueryTasks, TaskList, PurgeResults, PurgeReply,
+        Tasks, EngineStop, QueryTasks, TaskList, PurgeResults, PurgeReply, Chunk, Credit, StreamAbort,
     )
 }
 
@@ -423,4 +460,6 @@ def payload_frame_count(msg: Message) -> int:
         return sum(t.nframes for t in msg.tasks)
     if isinstance(msg, Results):
         return sum(r.nframes for r in msg.results)
+    if isinstance(msg, Chunk):
+        return 1
     return 0

@@ -25,10 +25,13 @@ from typing import Any
 import zmq
 
 from fedpar.actors.journal import Journal
+from fedpar.actors.relay import Inbound, Relay
 from fedpar.codec import Codec, Received
-from fedpar.errors import ProtocolError, StoreError
+from fedpar.errors import MalformedMessage, ProtocolError, SignatureError, StoreError
 from fedpar.protocol import (
+    Chunk,
     ClientHello,
+    Credit,
     EngineEvent,
     EngineHello,
     EngineStop,
@@ -46,6 +49,7 @@ from fedpar.protocol import (
     ShutdownReply,
     StatusReply,
     StatusRequest,
+    StreamAbort,
     Submit,
     SubmitReply,
     TaskList,
@@ -57,6 +61,8 @@ from fedpar.recovery import Recovery
 from fedpar.registry import EngineRegistry
 from fedpar.scheduler import Scheduler, Task
 from fedpar.store.records import FINISHED_STATES, EngineRecord, TaskRecord
+from fedpar.store.schema import STREAM_INPUT, STREAM_RESULT
+from fedpar.streams import StreamSettings, parse_head, untrusted_chunk_sid
 from fedpar.transport import NOBLOCK, Waker, readable, recv_parts, send_parts
 
 log = logging.getLogger(__name__)
@@ -82,6 +88,7 @@ class Gateway:
         scheduler: Scheduler,
         heartbeat: float,
         batch: int = 1024,
+        stream: StreamSettings | None = None,
     ):
         self.controller_id = controller_id
         self.codec = codec
@@ -103,6 +110,7 @@ class Gateway:
         self._saved_marks: dict[str, int] = codec.guard.marks()
         self._queued_now: list[Task] = []  # accepted this pass (their payload is dropped after commit)
         self.recovery = Recovery((), 0.0)
+        self.relay = Relay(journal, stream or StreamSettings(), self._send, self._stream_complete, self._stream_failed)
         self._reset_pass()
 
     # ------------------------------------------------------------------ thread-safe entry points
@@ -197,6 +205,8 @@ class Gateway:
             except ProtocolError as exc:
                 name = type(exc).__name__
                 self.dropped[name] += 1
+                if isinstance(exc, SignatureError) and self.relay.inbound:
+                    self.relay.corrupted(ident, untrusted_chunk_sid(parts, 1))
                 if self.dropped[name] <= 10 or self.dropped[name] % 1000 == 0:
                     log.warning("dropped a message from %r (%s #%d): %s", ident, name, self.dropped[name], exc)
                 continue
@@ -211,11 +221,18 @@ class Gateway:
         msg, rid = rx.msg, rx.envelope.id
         if isinstance(msg, Submit):
             self._on_submit(ident, rid, rx.envelope.sender, msg, rx.frames, now)
+        elif isinstance(msg, Chunk):
+            self.relay.on_chunk(self.client_sock, ident, msg, rx.frames[0], now)
+        elif isinstance(msg, Credit):
+            self.relay.on_credit(ident, msg, now)
+        elif isinstance(msg, StreamAbort):
+            self.relay.on_abort(ident, msg)
         elif isinstance(msg, GetResults):
             self._on_get_results(ident, rid, msg)
         elif isinstance(msg, ClientHello):
             self._clients.add(ident)
-            self._reply_client(ident, Welcome(rid, self.controller_id, self.registry.ids()))
+            self._reply_client(ident, Welcome(rid, self.controller_id, self.registry.ids(),
+                                              self.relay.settings.to_wire()))
         elif isinstance(msg, StatusRequest):
             self._reply_client(ident, self._status(rid))
         elif isinstance(msg, QueryTasks):
@@ -259,6 +276,17 @@ class Gateway:
                 self._watch(spec.task_id, ident)
                 accepted.append(spec.task_id)  # in flight already, or sent again after a reconnect: never twice
                 continue
+            head = spec.spec.get("stream")
+            if head is not None:  # the arguments follow as a stream: queued once they are all stored
+                try:
+                    sid, sizes = parse_head(head)
+                except MalformedMessage as exc:
+                    self._rejects[(ident, rid)].append([spec.task_id, "MalformedMessage", str(exc)])
+                    continue
+                task = Task(spec.task_id, sender, spec.op, spec.target, len(sizes), spec.retries, spec.spec, None,
+                            now)
+                self.relay.open_input(self.client_sock, ident, rid, task, sid, sizes, now)
+                continue
             task = Task(spec.task_id, sender, spec.op, spec.target, spec.nframes, spec.retries, spec.spec,
                         tframes, now)
             sched.submit(task)
@@ -273,13 +301,36 @@ class Gateway:
         if self.scheduler.get(task_id) is not None or self.recovery.find(task_id) is not None:
             self._watch(task_id, ident)
             return True
-        got = self.journal.store.get_result(task_id)
+        got = self._stored_result(ident, task_id)
         if got is not None:
-            rec, frames = got
-            self._to_clients[ident].append((ResultSpec(rec.task_id, rec.ok, rec.engine, rec.started, rec.completed,
-                                                       list(rec.error) if rec.error else None, len(frames)), frames))
+            self._to_clients[ident].append(got)
             return True
         return False
+
+    def _stored_result(self, ident: bytes, task_id: str) -> tuple[ResultSpec, list[Any]] | None:
+        """A stored result as sent to client ``ident``: inline, or as a stream head when it is large."""
+        store = self.journal.store
+        rec = store.get_result_record(task_id)
+        if rec is None:
+            return None
+        error = list(rec.error) if rec.error else None
+        if sum(rec.frame_sizes) > self.relay.settings.threshold:
+            sizes = list(rec.frame_sizes)
+            sid = self.relay.open_out(self.client_sock, ident, STREAM_RESULT, task_id, sizes, time.time())
+            return ResultSpec(task_id, rec.ok, rec.engine, rec.started, rec.completed, error, 0, [sid, sizes]), []
+        got = store.get_result(task_id)
+        if got is None:
+            return None
+        frames = got[1]
+        return ResultSpec(task_id, rec.ok, rec.engine, rec.started, rec.completed, error, len(frames)), frames
+
+    def _for_client(self, ident: bytes, res: ResultSpec, frames: list[Any]) -> tuple[ResultSpec, list[Any]]:
+        """A result finished this pass as sent to ``ident``: a streamed one gets its own stream from the store."""
+        if res.stream is None:
+            return res, frames
+        sizes = res.stream[1]
+        sid = self.relay.open_out(self.client_sock, ident, STREAM_RESULT, res.task_id, sizes, time.time())
+        return res._replace(stream=[sid, sizes]), []
 
     def _watch(self, task_id: str, ident: bytes) -> None:
         w = self._watchers.get(task_id)
@@ -301,16 +352,14 @@ class Gateway:
                 continue
             now_done = self._finished_now.get(tid)
             if now_done is not None:  # finished in this very pass: sent with this pass's results
-                self._to_clients[ident].append(now_done)
+                self._to_clients[ident].append(self._for_client(ident, *now_done))
                 continue
-            got = self.journal.store.get_result(tid)
+            got = self._stored_result(ident, tid)
             if got is None:
                 missing.append(tid)
                 continue
-            rec, fr = got
-            found.append(ResultSpec(rec.task_id, rec.ok, rec.engine, rec.started, rec.completed,
-                                    list(rec.error) if rec.error else None, len(fr)))
-            frames.extend(fr)
+            found.append(got[0])
+            frames.extend(got[1])
         self._reply_client(ident, Results(found, missing, rid), frames)
 
     def _purge(self, msg: PurgeResults) -> int:
@@ -345,7 +394,7 @@ class Gateway:
              "load": self.scheduler.engine_load(e.engine_id)}
             for e in self.registry.engines()
         ]
-        stats: dict[str, Any] = {"dropped": dict(self.dropped), **self.counters,
+        stats: dict[str, Any] = {"dropped": dict(self.dropped), **self.counters, **self.relay.stats(),
                                  "unstored_results": self.journal.unstored_results}
         return StatusReply(rid, self.controller_id, self.codec.epoch, engines, self.scheduler.queued,
                            self.scheduler.in_flight, counters.get("tasks_done", 0),
@@ -358,7 +407,13 @@ class Gateway:
             eid = self.registry.by_task_identity(ident)
             if eid is not None:
                 self.registry.seen(eid, now)
-            self._on_results(msg, rx.frames)
+            self._on_results(ident, msg, rx.frames, now)
+        elif isinstance(msg, Chunk):
+            self.relay.on_chunk(self.engine_sock, ident, msg, rx.frames[0], now)
+        elif isinstance(msg, Credit):
+            self.relay.on_credit(ident, msg, now)
+        elif isinstance(msg, StreamAbort):
+            self.relay.on_abort(ident, msg)
         elif isinstance(msg, Heartbeat):
             known = self.registry.seen(msg.engine_id, now, control_identity=ident)
             self._send(self.engine_sock, ident, Heartbeat(msg.engine_id if known else -1))
@@ -376,7 +431,7 @@ class Gateway:
             self._events_registered.append(rec.engine_id)
             self._replies.append((self.engine_sock, ident,
                                   EngineWelcome(rx.envelope.id, rec.engine_id, self.heartbeat,
-                                                self.controller_id, resend), []))
+                                                self.controller_id, resend, self.relay.settings.to_wire()), []))
             log.info("engine %d registered (pid %d on %s)", rec.engine_id, msg.pid, msg.hostname)
         else:
             self.dropped["UnexpectedKind"] += 1
@@ -400,11 +455,14 @@ class Gateway:
         return [t.task_id for t in adopt] + [t.task_id for t in self.scheduler.outstanding(eid)
                                              if t.task_id in holding and t not in adopt]
 
-    def _on_results(self, msg: Results, frames: list[Any]) -> None:
+    def _on_results(self, ident: bytes, msg: Results, frames: list[Any], now: float) -> None:
         pos = 0
         for res in msg.results:
             rframes = frames[pos:pos + res.nframes]
             pos += res.nframes
+            if res.stream is not None:
+                self._on_result_stream(ident, res, now)
+                continue
             runtime = res.completed - res.started if res.started is not None else None
             task = self.scheduler.complete(res.task_id, res.engine, runtime)
             if task is None:
@@ -414,19 +472,62 @@ class Gateway:
                 continue
             self._finish(task, res, rframes)
 
+    def _on_result_stream(self, ident: bytes, res: ResultSpec, now: float) -> None:
+        """An engine announced a large result; its chunks follow (the task finishes when all are stored)."""
+        try:
+            sid, sizes = parse_head(res.stream)
+        except MalformedMessage:
+            self.dropped["MalformedMessage"] += 1
+            return
+        task = self.scheduler.get(res.task_id) or self.recovery.find(res.task_id)
+        if task is None or not self.relay.open_result(self.engine_sock, ident, task, res, sid, sizes, now):
+            self.dropped["DuplicateResult"] += 1
+            self._send(self.engine_sock, ident, StreamAbort(sid, "StreamAborted", f"duplicate result of {res.task_id}"))
+
+    def _stream_complete(self, inb: Inbound) -> None:
+        """Every chunk of an inbound stream is stored: queue its task, or finish it with its result."""
+        task = inb.task
+        if inb.kind == STREAM_INPUT:
+            self.scheduler.submit(task)
+            self.journal.task_queued(task, streamed=True)
+            self._watch(task.task_id, inb.ident)
+            self._acks.setdefault((inb.ident, inb.rid), []).append(task.task_id)
+            self.counters["submitted"] += 1
+            return
+        res = inb.res
+        assert res is not None
+        runtime = res.completed - res.started if res.started is not None else None
+        found = self.scheduler.complete(res.task_id, res.engine, runtime) or self.recovery.take(res.task_id)
+        if found is None:
+            self.dropped["DuplicateResult"] += 1
+            return
+        self._finish(found, res._replace(nframes=0, stream=[0, inb.sizes]), [])
+
+    def _stream_failed(self, inb: Inbound, ename: str, evalue: str) -> None:
+        """An inbound stream was abandoned: refuse its submission, or fail its task."""
+        tid = inb.task.task_id
+        if inb.kind == STREAM_INPUT:
+            self._rejects[(inb.ident, inb.rid)].append([tid, ename, evalue])
+            return
+        task = self.scheduler.complete(tid, None, None) or self.recovery.take(tid)
+        if task is not None:
+            self._fail(task, f"fedpar.{ename}", evalue, time.time())
+
     def _finish(self, task: Task, res: ResultSpec, frames: list[Any]) -> None:
-        self.journal.task_finished(task, res, frames)
+        """Record a task's outcome and send it to its watchers (``res.stream``: stored chunk by chunk)."""
+        self.journal.task_finished(task, res, frames, None if res.stream is None else res.stream[1])
         self._finished_now[task.task_id] = (res, frames)
         self.counters["finished"] += 1
         w = self._watchers.pop(task.task_id, None)
         for ident in (w,) if isinstance(w, bytes) else w or ():
-            self._to_clients[ident].append((res, frames))
+            self._to_clients[ident].append(self._for_client(ident, res, frames))
 
     def _fail(self, task: Task, ename: str, evalue: str, now: float) -> None:
         res = ResultSpec(task.task_id, False, task.engine, task.assigned, now, [ename, evalue, ""], 0)
         self._finish(task, res, [])
 
     def _check_engines(self, now: float) -> None:
+        self.relay.expire(now)
         for eid in self.registry.expired(now):
             self._lose_engine(eid, now, f"engine {eid} stopped answering heartbeats")
         if self.recovery.active:
@@ -439,6 +540,9 @@ class Gateway:
                                               f"restarted; direct task {task.task_id} cannot run", now)
 
     def _lose_engine(self, eid: int, now: float, why: str, state: str = "dead") -> None:
+        ident = self.registry.task_identity(eid)
+        if ident is not None:
+            self.relay.drop_peer(ident)
         rec = self.registry.unregister(eid, state)
         if rec is None:
             return
@@ -460,6 +564,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ end of a pass
     def _finish_pass(self, now: float) -> None:
+        self.relay.after_commit(self.journal.commit_chunks())  # stream chunks first: completions follow
         dispatch = self.scheduler.assign(now)
         for _eid, tasks in dispatch:
             for t in tasks:
@@ -472,9 +577,11 @@ class Gateway:
         if refused:
             refused_ids = {t.task_id for t in refused}
             self.scheduler.cancel_queued(refused_ids)
-            for tid in refused_ids:  # refused ones already assigned this pass give their slot back
-                self.scheduler.complete(tid, None, None)
-                self._watchers.pop(tid, None)
+            for task in refused:  # refused ones already assigned this pass give their slot back
+                self.scheduler.complete(task.task_id, None, None)
+                self._watchers.pop(task.task_id, None)
+                if "stream" in task.spec:  # its streamed arguments are stored already: free them
+                    self.journal.stream_drop(STREAM_INPUT, task.task_id)
             for (ident, rid), ids in self._acks.items():
                 bad = [i for i in ids if i in refused_ids]
                 if bad:
@@ -500,26 +607,38 @@ class Gateway:
             ev = EngineEvent(registered, unregistered)
             for ident in list(self._clients):
                 self._send(self.client_sock, ident, ev)
+        if self.relay.outbound:
+            self.relay.pump()
 
     def _has_work(self) -> bool:
         """True when the last pass left something to commit or send (poll without sleeping)."""
         return bool(self._to_clients or self._replies or self._rejects or self._acks
-                    or self._events_unregistered or self._events_registered or self.journal.pending)
+                    or self._events_unregistered or self._events_registered or self.journal.pending
+                    or (self.relay.outbound and self.relay.has_ready()))
 
     def _dispatch(self, eid: int, tasks: list[Task], now: float) -> None:
         ident = self.registry.task_identity(eid)
+        if ident is None:
+            self._lose_engine(eid, now, f"engine {eid} is unreachable")
+            return
         frames: list[Any] = []
         specs: list[TaskSpec] = []
-        missing = [t.task_id for t in tasks if t.frames is None]
+        missing = [t.task_id for t in tasks if t.frames is None and "stream" not in t.spec]
         stored = dict(zip(missing, self.journal.store.get_inputs_many(missing), strict=True)) if missing else {}
         for t in tasks:
+            head = t.spec.get("stream")
+            if head is not None:  # large arguments: streamed from the store as the engine grants credit
+                sizes = head[1]
+                sid = self.relay.open_out(self.engine_sock, ident, STREAM_INPUT, t.task_id, sizes, now, patient=True)
+                specs.append(TaskSpec(t.task_id, t.op, t.target, 0, t.retries, {**t.spec, "stream": [sid, sizes]}))
+                continue
             tframes = t.frames
             if tframes is None:  # queued before this pass, or a retry: the payload comes from the store
                 tframes = stored.get(t.task_id) or []
             t.frames = None  # in-flight memory holds no payload once it is on its way
             specs.append(TaskSpec(t.task_id, t.op, t.target, len(tframes), t.retries, t.spec))
             frames.extend(tframes)
-        if ident is None or not self._send(self.engine_sock, ident, Tasks(specs), frames):
+        if not self._send(self.engine_sock, ident, Tasks(specs), frames):
             self._lose_engine(eid, now, f"engine {eid} is unreachable")
 
     def _reply_client(self, ident: bytes, msg: Message, frames: list[Any] | None = None) -> None:

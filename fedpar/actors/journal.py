@@ -20,6 +20,7 @@ from fedpar.protocol import ResultSpec
 from fedpar.scheduler import Task
 from fedpar.store.lmdb_store import LmdbStore
 from fedpar.store.records import ASSIGNED, DONE, FAILED, QUEUED, RUNNING, EngineRecord, ResultRecord
+from fedpar.store.schema import STREAM_INPUT
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,42 @@ class Journal:
         self._state = store.batch()
         self._results = store.batch()
         self._submits = store.batch()
+        self._chunks = store.batch()  # streamed payload chunks: committed first, on their own
         self._submitted: list[Task] = []
         self._new_rows: dict[str, list[Any]] = {}  # rows of tasks submitted this pass
         self._rows: dict[str, list[Any]] = {}  # rows of older tasks that changed this pass
         self.unstored_results = 0  # results delivered although the store refused them
 
-    def task_queued(self, task: Task) -> None:
+    def task_queued(self, task: Task, *, streamed: bool = False) -> None:
+        """A new submission; ``streamed``: its inputs were written chunk by chunk (``stream_chunk``)."""
         self._new_rows[task.task_id] = task_row(task, QUEUED)
-        self._submits.put_inputs(task.task_id, task.frames or (), fresh=True)
+        if streamed:
+            self._submits.end_stream(STREAM_INPUT, task.task_id)
+        else:
+            self._submits.put_inputs(task.task_id, task.frames or (), fresh=True)
         self._submitted.append(task)
+
+    # -- streamed payloads ----------------------------------------------------------------------------
+    def stream_begin(self, kind: bytes, task_id: str) -> None:
+        self._chunks.begin_stream(kind, task_id)
+
+    def stream_chunk(self, kind: bytes, task_id: str, frame: int, chunk: int, data: Any) -> None:
+        self._chunks.put_chunk(kind, task_id, frame, chunk, data)
+
+    def stream_drop(self, kind: bytes, task_id: str) -> None:
+        self._state.drop_stream(kind, task_id)
+
+    def commit_chunks(self) -> str:
+        """Commit the stream chunks received this pass; returns why the store refused them ("" if stored)."""
+        if not self._chunks:
+            return ""
+        chunks, self._chunks = self._chunks, self.store.batch()
+        try:
+            self.store.commit(chunks)
+        except StoreError as exc:
+            log.error("store refused %d stream chunk write(s): %s", len(chunks), exc)
+            return f"{type(exc).__name__}: {exc}"
+        return ""
 
     def task_assigned(self, task: Task) -> None:
         rows = self._new_rows if task.task_id in self._new_rows else self._rows
@@ -64,12 +92,14 @@ class Journal:
     def task_requeued(self, task: Task) -> None:
         self._rows[task.task_id] = task_row(task, QUEUED)
 
-    def task_finished(self, task: Task, res: ResultSpec, frames: Sequence[Any]) -> None:
+    def task_finished(self, task: Task, res: ResultSpec, frames: Sequence[Any],
+                      streamed: Sequence[int] | None = None) -> None:
+        """A task's outcome; ``streamed`` (frame sizes): its payload was written chunk by chunk already."""
         rec = ResultRecord(
             res.task_id, res.ok, res.engine, res.started, res.completed,
             (res.error[0], res.error[1], res.error[2]) if res.error is not None else None,
         )  # frame_sizes: the store records the sizes of the frames it writes
-        self._results.put_result(rec, frames)
+        self._results.put_result(rec, frames, streamed=streamed)
         self._rows[task.task_id] = task_row(task, DONE if res.ok else FAILED, res.completed)
 
     def engine(self, rec: EngineRecord) -> None:
@@ -87,7 +117,7 @@ class Journal:
     @property
     def pending(self) -> bool:
         """True when writes wait for the next commit."""
-        return bool(self._state or self._results or self._submits or self._rows or self._new_rows)
+        return bool(self._state or self._results or self._submits or self._rows or self._new_rows or self._chunks)
 
     def commit(self) -> tuple[list[Task], str]:
         """Commit the pass. Returns the submissions refused (and why); empty when all landed.

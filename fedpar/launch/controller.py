@@ -23,11 +23,13 @@ from fedpar.actors.journal import Journal
 from fedpar.codec import Codec
 from fedpar.config import Config
 from fedpar.errors import ConfigError
+from fedpar.protocol import CHUNK_BYTES
 from fedpar.registry import EngineRegistry
 from fedpar.runtime import ConnectionInfo, remove_connection_file, write_connection_file
 from fedpar.scheduler import Scheduler
 from fedpar.signing import KEY_BYTES, new_cluster_key
 from fedpar.store.lmdb_store import LmdbStore
+from fedpar.streams import StreamSettings
 from fedpar.transport import bind_router, is_loopback, publish_host
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,18 @@ def load_or_create_key(state_dir: Path, given: bytes | None = None) -> bytes:
     with os.fdopen(fd, "wb") as f:
         f.write(key)
     return key
+
+
+def drop_partial_streams(store: LmdbStore) -> int:
+    """Delete the chunks of streams a previous controller left half written; returns how many."""
+    partial = store.partial_streams()
+    if partial:
+        batch = store.batch()
+        for kind, task_id in partial:
+            batch.drop_stream(kind, task_id)
+        store.commit(batch)
+        log.info("deleted %d partly received stream(s) left by the previous controller", len(partial))
+    return len(partial)
 
 
 def run_controller(
@@ -110,7 +124,10 @@ def run_controller(
         controller_id=controller_id, codec=codec, client_sock=client_sock, engine_sock=engine_sock,
         journal=Journal(store), registry=registry, scheduler=Scheduler(config.engines.prefetch),
         heartbeat=config.controller.heartbeat, batch=config.controller.batch,
+        stream=StreamSettings(config.stream.threshold, max(1, config.stream.window // CHUNK_BYTES),
+                              config.stream.timeout),
     )
+    drop_partial_streams(store)
     timeout = config.controller.heartbeat * config.controller.heartbeat_misses
     gateway.recover(store.unfinished_tasks(), engines, time.time(), grace=max(2 * timeout, 10.0))
     info = ConnectionInfo(

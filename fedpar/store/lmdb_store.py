@@ -32,7 +32,7 @@ TiB = 1 << 40
 _LOW_SPACE = 4 * MiB  # free bytes below which an I/O error on write counts as a full disk
 
 # Operation codes recorded by WriteBatch (tuples, dispatched in LmdbStore._apply).
-_PUT, _PUT_INPUTS, _PUT_RESULT, _DEL_INPUTS, _DEL_RESULT, _BUMP, _DEL = range(7)
+_PUT, _PUT_INPUTS, _PUT_RESULT, _DEL_INPUTS, _DEL_RESULT, _BUMP, _DEL, _STREAM_BEGIN, _STREAM_DROP = range(9)
 
 
 def _unpack(data: bytes) -> Any:
@@ -87,18 +87,42 @@ class WriteBatch:
         """Delete a task's input frames, if any."""
         self._ops.append((_DEL_INPUTS, S.chunk_prefix(S.task_key(task_id))))
 
-    def put_result(self, rec: ResultRecord, frames: Sequence[S.Frame]) -> None:
+    def put_result(self, rec: ResultRecord, frames: Sequence[S.Frame], *, streamed: Sequence[int] | None = None,
+                   ) -> None:
         """Store a task's result and payload frames; also drops its inputs and bumps a counter.
 
         The stored record's ``frame_sizes`` are those of ``frames``. Replacing an earlier result of
         the same task replaces its frames and index entry and does not count the task twice.
+        ``streamed`` (frame sizes) says the frames were written chunk by chunk already (``put_chunk``
+        after ``begin_stream``): the record is stored over them and the stream is closed.
         """
         key = S.task_key(rec.task_id)
         bufs = [S.flat_frame(f) for f in frames]
         row = rec.to_row()
-        row[6] = [len(b) for b in bufs]
+        row[6] = list(streamed) if streamed is not None else [len(b) for b in bufs]
         ckey = S.completed_key(rec.completed, key)
-        self._ops.append((_PUT_RESULT, key, self._pack(row), ckey, bool(rec.ok), bufs))
+        self._ops.append((_PUT_RESULT, key, self._pack(row), ckey, bool(rec.ok), bufs, streamed is not None))
+
+    # -- streamed payloads: written chunk by chunk, over several transactions -----------------------
+    def begin_stream(self, kind: bytes, task_id: str) -> None:
+        """Start writing a streamed input (``S.STREAM_INPUT``) or result (``S.STREAM_RESULT``) of a task:
+        drops any chunks left under its key and records the stream as partial until ``end_stream``."""
+        key = S.task_key(task_id)
+        self._ops.append((_STREAM_BEGIN, kind, key))
+
+    def put_chunk(self, kind: bytes, task_id: str, frame: int, chunk: int, data: S.Frame) -> None:
+        """Write one chunk of a streamed payload (the buffer is referenced until commit)."""
+        db = self._store._inputs if kind == S.STREAM_INPUT else self._store._blobs
+        key = S.chunk_key(S.chunk_prefix(S.task_key(task_id)), frame, chunk)
+        self._ops.append((_PUT, db, key, S.flat_frame(data)))
+
+    def end_stream(self, kind: bytes, task_id: str) -> None:
+        """The stream's chunks are all written (its task record or result goes in the same batch)."""
+        self._ops.append((_DEL, self._store._streams, kind + S.task_key(task_id)))
+
+    def drop_stream(self, kind: bytes, task_id: str) -> None:
+        """Abandon a partial stream: delete its chunks and its partial mark."""
+        self._ops.append((_STREAM_DROP, kind, S.task_key(task_id)))
 
     def put_engine(self, rec: EngineRecord) -> None:
         """Store (or replace) an engine record."""
@@ -174,9 +198,9 @@ class LmdbStore:
                 dbs = {name: env.open_db(name, txn=txn) for name in S.ALL_DBS}
                 meta = dbs[S.META]
                 raw = txn.get(S.META_SCHEMA_VERSION, db=meta)
-                if raw is None:
+                if raw is None or (version := S.unpack_u64(raw)) in S.UPGRADABLE:
                     txn.put(S.META_SCHEMA_VERSION, S.pack_u64(S.SCHEMA_VERSION), db=meta)
-                elif (version := S.unpack_u64(raw)) != S.SCHEMA_VERSION:
+                elif version != S.SCHEMA_VERSION:
                     raise StoreError(
                         f"store at {self._path} has schema version {version}, "
                         f"this fedpar expects {S.SCHEMA_VERSION}"
@@ -186,6 +210,7 @@ class LmdbStore:
         self._tasks, self._inputs, self._results = dbs[S.TASKS], dbs[S.INPUTS], dbs[S.RESULTS]
         self._blobs, self._engines, self._marks = dbs[S.BLOBS], dbs[S.ENGINES], dbs[S.MARKS]
         self._meta, self._completed, self._open = dbs[S.META], dbs[S.COMPLETED_IDX], dbs[S.OPEN_IDX]
+        self._streams = dbs[S.STREAMS]
         self._dbs = dbs
         self._map_size: int = env.info()["map_size"]
 
@@ -338,13 +363,16 @@ class LmdbStore:
                     S.delete_prefix(icur, op[1])
                 S.put_frames(txn, inputs, op[1], op[2])
             elif code == _PUT_RESULT:
-                _, key, row, ckey, ok, frames = op
+                _, key, row, ckey, ok, frames, streamed = op
                 prefix = key + b"\x00"
                 old = txn.get(key, db=results)
                 if old is not None:
-                    self._drop_result(txn, bcur, key, old, bumps)
+                    self._drop_result(txn, None if streamed else bcur, key, old, bumps)
                 txn.put(key, row, db=results)
-                S.put_frames(txn, blobs, prefix, frames)
+                if streamed:
+                    txn.delete(S.STREAM_RESULT + key, db=self._streams)
+                else:
+                    S.put_frames(txn, blobs, prefix, frames)
                 txn.put(ckey, b"", db=completed)
                 S.delete_prefix(icur, prefix)
                 counter = S.META_TASKS_DONE if ok else S.META_TASKS_FAILED
@@ -361,6 +389,13 @@ class LmdbStore:
                 S.delete_prefix(icur, key + b"\x00")
             elif code == _DEL:
                 txn.delete(op[2], db=op[1])
+            elif code in (_STREAM_BEGIN, _STREAM_DROP):
+                _, kind, key = op
+                S.delete_prefix(icur if kind == S.STREAM_INPUT else bcur, key + b"\x00")
+                if code == _STREAM_BEGIN:
+                    txn.put(kind + key, b"", db=self._streams)
+                else:
+                    txn.delete(kind + key, db=self._streams)
             elif code == _BUMP:
                 bumps[op[1]] = bumps.get(op[1], 0) + op[2]
         meta = self._meta
@@ -373,15 +408,17 @@ class LmdbStore:
     def _drop_result(
         self,
         txn: lmdb.Transaction[bytes],
-        bcur: lmdb.Cursor[bytes],
+        bcur: lmdb.Cursor[bytes] | None,
         key: bytes,
         old: bytes,
         bumps: dict[bytes, int] | None,
     ) -> None:
+        """Delete a stored result record, its index entry and (given a cursor) its frames."""
         row = _unpack(old)
         txn.delete(key, db=self._results)
         txn.delete(S.completed_key(row[4], key), db=self._completed)
-        S.delete_prefix(bcur, key + b"\x00")
+        if bcur is not None:
+            S.delete_prefix(bcur, key + b"\x00")
         if bumps is not None:  # a replaced result: do not count the task twice
             counter = S.META_TASKS_DONE if row[1] else S.META_TASKS_FAILED
             bumps[counter] = bumps.get(counter, 0) - 1
@@ -411,6 +448,19 @@ class LmdbStore:
         """``get_inputs`` of several tasks in one read transaction."""
         prefixes = [S.chunk_prefix(S.task_key(t)) for t in task_ids]
         return self._read(lambda txn: [S.get_frames(txn, self._inputs, p) for p in prefixes])
+
+    def get_chunk(self, kind: bytes, task_id: str, frame: int, chunk: int) -> bytes | None:
+        """One stored chunk of a task's input (``S.STREAM_INPUT``) or result (``S.STREAM_RESULT``) payload."""
+        db = self._inputs if kind == S.STREAM_INPUT else self._blobs
+        key = S.chunk_key(S.chunk_prefix(S.task_key(task_id)), frame, chunk)
+        return self._read(lambda txn: txn.get(key, db=db))
+
+    def partial_streams(self) -> list[tuple[bytes, str]]:
+        """``(kind, task id)`` of the streams left partly written (by a controller that died meanwhile)."""
+        def scan(txn: lmdb.Transaction[bytes]) -> list[bytes]:
+            return [bytes(k) for k in txn.cursor(self._streams).iternext(keys=True, values=False)]
+
+        return [(k[:1], k[1:].decode()) for k in self._read(scan)]
 
     def get_result_record(self, task_id: str) -> ResultRecord | None:
         """The result record of ``task_id`` without its frames, or None."""

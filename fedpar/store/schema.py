@@ -22,6 +22,9 @@ Sub-databases (all keys and values are bytes; integers are big-endian so keys so
 ``open_idx``
     task id -> ``b""`` while the task is queued, assigned or running (a restart reads only these, so its
     time does not grow with the results stored)
+``streams``
+    ``b"i"`` or ``b"r"`` + task id -> ``b""`` while a streamed input (``inputs``) or result (``blobs``) is
+    being written chunk by chunk; a restart deletes the partial chunks of the entries it finds
 
 Payload frames are split into chunks of at most :data:`CHUNK` bytes; every frame has at least one chunk
 (a zero-length frame has one empty chunk), so frame boundaries survive a round trip (helpers at the end
@@ -40,12 +43,15 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
+from fedpar.protocol import CHUNK_BYTES
+
 if TYPE_CHECKING:
     import lmdb
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
+UPGRADABLE: Final = (2,)  # older versions this one opens by adding what it lacks (v3 added ``streams``)
 
-CHUNK: Final = 1 << 20  # largest value written for one payload chunk (1 MiB)
+CHUNK: Final = CHUNK_BYTES  # largest value written for one payload chunk (1 MiB, the stream chunk size)
 
 # Sub-database names.
 TASKS: Final = b"tasks"
@@ -57,7 +63,10 @@ MARKS: Final = b"marks"
 META: Final = b"meta"
 COMPLETED_IDX: Final = b"completed_idx"
 OPEN_IDX: Final = b"open_idx"  # task id -> b"" for tasks not finished: a restart reads only these
-ALL_DBS: Final = (TASKS, INPUTS, RESULTS, BLOBS, ENGINES, MARKS, META, COMPLETED_IDX, OPEN_IDX)
+STREAMS: Final = b"streams"  # b"i"/b"r" + task id -> b"" while a streamed payload is partly written
+ALL_DBS: Final = (TASKS, INPUTS, RESULTS, BLOBS, ENGINES, MARKS, META, COMPLETED_IDX, OPEN_IDX, STREAMS)
+STREAM_INPUT: Final = b"i"
+STREAM_RESULT: Final = b"r"
 
 # Keys in ``meta``.
 META_SCHEMA_VERSION: Final = b"schema_version"

@@ -109,6 +109,9 @@ def sample_messages() -> list[tuple[Message, list[Any]]]:
         (Heartbeat(-1), []),
         (Tasks(submit_tasks[:1] + submit_tasks[2:3]), [*apply_frames, *submit_frames[len(apply_frames):]]),
         (EngineStop("controller shutdown"), []),
+        (protocol.Chunk(7, 3), [bytes(range(256)) * 4096]),
+        (protocol.Credit(7, 11), []),
+        (protocol.StreamAbort(7, "StreamTimeout", "no chunk for 30s"), []),
     ]
     return msgs
 

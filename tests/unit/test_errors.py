@@ -40,7 +40,8 @@ EXPECTED_PARENTS = {
     "NoEnginesError": FedparError, "UnknownEngineError": FedparError, "TaskError": FedparError,
     "RemoteError": TaskError, "EngineError": TaskError, "TaskAborted": TaskError, "ResultNotFound": TaskError,
     "CompositeError": FedparError, "StoreError": FedparError, "StoreFull": StoreError,
-    "ClusterError": FedparError,
+    "ClusterError": FedparError, "StreamError": TaskError, "StreamTimeout": errors.StreamError,
+    "StreamCorrupted": errors.StreamError, "StreamAborted": errors.StreamError,
 }
 
 

@@ -7,6 +7,7 @@ PUBLIC = [
     "ConnectionFileError", "ControllerUnavailable", "DirectView", "EngineError", "FedparError",
     "FedparExecutor", "LoadBalancedView", "MalformedMessage", "NoEnginesError", "ProtocolError", "Reference",
     "RemoteError", "ReplayError", "ResultNotFound", "SignatureError", "StoreError", "StoreFull",
+    "StreamAborted", "StreamCorrupted", "StreamError", "StreamTimeout",
     "TaskAborted", "TaskError", "TimeoutError", "TransportError", "UnknownEngineError", "__version__",
     "load_config",
 ]

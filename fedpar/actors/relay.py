@@ -1,0 +1,270 @@
+"""The controller's stream relay: large payloads pass through the store chunk by chunk, never whole.
+
+Runs on the gateway thread (the gateway calls it; it owns no socket and no thread).
+
+Inbound streams (a client's task arguments, an engine's result): each chunk is written to the store in
+the pass it arrives (``Journal.stream_chunk``, committed on its own before anything else of the pass), and
+only after that commit does the relay grant the sender more credit. When the last chunk is stored the
+stream *completes*: the gateway then queues the task or finishes it, exactly as for a small payload.
+
+Outbound streams (task arguments to an engine, a result to a client): chunks are read back from the store
+one at a time as the receiver grants credit.
+
+So the controller holds at most a credit window of chunks per stream (plus one pass's LMDB transaction),
+whatever the object's size. A stream that makes no progress for ``settings.timeout`` seconds is abandoned:
+an inbound one frees its stored chunks and fails its task with ``StreamTimeout``; an outbound one is
+dropped (its receiver times out on its side).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from fedpar.actors.journal import Journal
+from fedpar.errors import StreamCorrupted
+from fedpar.protocol import Chunk, Credit, Message, ResultSpec, StreamAbort
+from fedpar.scheduler import Task
+from fedpar.store.schema import STREAM_INPUT, STREAM_RESULT
+from fedpar.streams import Receiver, Sender, StreamSettings
+
+log = logging.getLogger(__name__)
+
+PUMP_CHUNKS = 8  # chunks sent per pass over all outbound streams (then the loop polls sockets again)
+
+SendFn = Callable[[zmq.Socket[Any], bytes, Message, list[Any]], bool]
+
+
+class Inbound:
+    """A stream the controller receives: a task's arguments (``kind`` input) or result (``kind`` result)."""
+
+    __slots__ = ("ident", "kind", "receiver", "res", "rid", "sock", "task")
+
+    def __init__(self, sock: zmq.Socket[Any], ident: bytes, kind: bytes, task: Task, receiver: Receiver,
+                 rid: int = 0, res: ResultSpec | None = None):
+        self.sock = sock
+        self.ident = ident
+        self.kind = kind
+        self.task = task
+        self.receiver = receiver
+        self.rid = rid  # input: the Submit to acknowledge
+        self.res = res  # result: the engine's result head
+
+    @property
+    def sizes(self) -> list[int]:
+        return self.receiver.sizes
+
+
+class Outbound:
+    """A stream the controller sends from its store."""
+
+    __slots__ = ("ident", "kind", "patient", "sender", "sock", "task_id")
+
+    def __init__(self, sock: zmq.Socket[Any], ident: bytes, kind: bytes, task_id: str, sender: Sender,
+                 patient: bool):
+        self.sock = sock
+        self.ident = ident
+        self.kind = kind
+        self.task_id = task_id
+        self.sender = sender
+        self.patient = patient  # an engine grants the first credit only when it reaches the task
+
+
+class Relay:
+    """Inbound and outbound streams of the controller. ``on_complete``/``on_failed`` are the gateway's."""
+
+    def __init__(self, journal: Journal, settings: StreamSettings, send: SendFn,
+                  on_complete: Callable[[Inbound], None], on_failed: Callable[[Inbound, str, str], None]):
+        self.journal = journal
+        self.settings = settings
+        self._send = send
+        self._on_complete = on_complete
+        self._on_failed = on_failed
+        self.inbound: dict[tuple[bytes, int], Inbound] = {}
+        self.outbound: dict[tuple[bytes, int], Outbound] = {}
+        self._sids = itertools.count(1)
+        self._results: set[str] = set()  # task ids whose result is being received
+        self._touched: dict[tuple[bytes, int], Inbound] = {}  # opened or fed this pass: credit after commit
+        self.counters: dict[str, int] = {"streams_in": 0, "streams_out": 0, "streams_failed": 0, "chunks": 0}
+
+    # ------------------------------------------------------------------ inbound
+    def open_input(self, sock: zmq.Socket[Any], ident: bytes, rid: int, task: Task, sid: int, sizes: list[int],
+                   now: float) -> None:
+        """A client announced a streamed task (``task`` is not submitted until the stream completes)."""
+        self._open(Inbound(sock, ident, STREAM_INPUT, task, self._receiver(sid, sizes, STREAM_INPUT, task, now), rid))
+
+    def open_result(self, sock: zmq.Socket[Any], ident: bytes, task: Task, res: ResultSpec, sid: int,
+                    sizes: list[int], now: float) -> bool:
+        """An engine announced a streamed result; False if one is being received for this task already."""
+        if task.task_id in self._results:
+            return False
+        self._results.add(task.task_id)
+        rec = self._receiver(sid, sizes, STREAM_RESULT, task, now)
+        self._open(Inbound(sock, ident, STREAM_RESULT, task, rec, res=res))
+        return True
+
+    def _receiver(self, sid: int, sizes: list[int], kind: bytes, task: Task, now: float) -> Receiver:
+        chunk = self.journal.stream_chunk
+        tid = task.task_id
+
+        def sink(frame: int, index: int, _off: int, data: Any) -> None:
+            chunk(kind, tid, frame, index, data)
+
+        return Receiver(sid, sizes, self.settings.window, now, sink)
+
+    def _open(self, inb: Inbound) -> None:
+        key = (inb.ident, inb.receiver.sid)
+        old = self.inbound.pop(key, None)
+        if old is not None:  # the sender reused a stream id: the old stream is dead
+            self._fail(old, "StreamAborted", "the sender started another stream under the same id", tell=False)
+        self.inbound[key] = inb
+        self._touched[key] = inb
+        self.journal.stream_begin(inb.kind, inb.task.task_id)
+        self.counters["streams_in"] += 1
+
+    def on_chunk(self, sock: zmq.Socket[Any], ident: bytes, msg: Chunk, data: Any, now: float) -> None:
+        key = (ident, msg.sid)
+        inb = self.inbound.get(key)
+        if inb is None:  # finished, failed or never known (a restarted controller): tell the sender once
+            if msg.index == 0 or msg.index % 64 == 0:
+                self._send(sock, ident, StreamAbort(msg.sid, "StreamAborted", "unknown stream"), [])
+            return
+        try:
+            inb.receiver.accept(msg.index, data, now)
+        except StreamCorrupted as exc:
+            self._fail(inb, "StreamCorrupted", str(exc))
+            return
+        self.counters["chunks"] += 1
+        self._touched[key] = inb
+
+    def corrupted(self, ident: bytes, sid: int | None) -> None:
+        """A message that failed authentication claimed to be a chunk of stream ``sid`` from ``ident``."""
+        inb = self.inbound.get((ident, sid)) if sid is not None else None
+        if inb is not None:
+            self._fail(inb, "StreamCorrupted", f"a chunk of stream {sid} failed authentication; stream aborted")
+
+    def after_commit(self, refused: str) -> None:
+        """The pass's chunks were committed (``refused`` empty) or refused: complete, fail or grant credit."""
+        touched, self._touched = self._touched, {}
+        for key, inb in touched.items():
+            if self.inbound.get(key) is not inb:
+                continue
+            if refused:
+                self._fail(inb, "StoreFull" if refused.startswith("StoreFull") else "StreamAborted",
+                           f"the controller's store refused the stream: {refused}")
+            elif inb.receiver.done:
+                del self.inbound[key]
+                self._results.discard(inb.task.task_id)
+                self._on_complete(inb)
+            else:
+                upto = inb.receiver.credit()
+                if upto is not None:
+                    self._send(inb.sock, inb.ident, Credit(inb.receiver.sid, upto), [])
+
+    def _fail(self, inb: Inbound, ename: str, evalue: str, *, tell: bool = True) -> None:
+        """Abandon an inbound stream: free its stored chunks, tell the sender, let the gateway fail the task."""
+        key = (inb.ident, inb.receiver.sid)
+        if self.inbound.get(key) is inb:
+            del self.inbound[key]
+        self._touched.pop(key, None)
+        self._results.discard(inb.task.task_id)
+        self.journal.stream_drop(inb.kind, inb.task.task_id)
+        self.counters["streams_failed"] += 1
+        log.warning("stream %d of task %s from %r failed: %s: %s", inb.receiver.sid, inb.task.task_id, inb.ident,
+                    ename, evalue)
+        if tell:
+            self._send(inb.sock, inb.ident, StreamAbort(inb.receiver.sid, ename, evalue), [])
+        self._on_failed(inb, ename, evalue)
+
+    # ------------------------------------------------------------------ outbound
+    def open_out(self, sock: zmq.Socket[Any], ident: bytes, kind: bytes, task_id: str, sizes: list[int],
+                 now: float, *, patient: bool = False) -> int:
+        """Send a stored payload to ``ident`` as a stream; returns its stream id (for the head).
+
+        ``patient``: the receiver (an engine, busy with earlier tasks) may take any time to grant its first
+        credit; the stream timeout counts only from then (a lost engine drops its streams anyway).
+        """
+        sid = next(self._sids)
+        get = self.journal.store.get_chunk
+
+        def source(frame: int, chunk: int, _off: int, _n: int) -> Any:
+            return get(kind, task_id, frame, chunk)
+
+        self.outbound[(ident, sid)] = Outbound(sock, ident, kind, task_id, Sender(sid, sizes, source, now), patient)
+        self.counters["streams_out"] += 1
+        return sid
+
+    def on_credit(self, ident: bytes, msg: Credit, now: float) -> None:
+        out = self.outbound.get((ident, msg.sid))
+        if out is not None:
+            out.sender.grant(msg.upto, now)
+
+    def on_abort(self, ident: bytes, msg: StreamAbort) -> None:
+        """The other end gave up on a stream (either direction)."""
+        out = self.outbound.pop((ident, msg.sid), None)
+        if out is not None:
+            log.info("receiver %r abandoned stream %d of task %s: %s: %s", ident, msg.sid, out.task_id, msg.ename,
+                     msg.evalue)
+        inb = self.inbound.get((ident, msg.sid))
+        if inb is not None:
+            self._fail(inb, "StreamAborted", f"the sender abandoned the stream: {msg.ename}: {msg.evalue}", tell=False)
+
+    def pump(self) -> None:
+        """Send the chunks credit allows (at most ``PUMP_CHUNKS`` per pass, spread over the streams)."""
+        budget = PUMP_CHUNKS
+        for key, out in list(self.outbound.items()):
+            if budget <= 0:
+                return
+            s = out.sender
+            for index, data in s.ready(budget):
+                budget -= 1
+                if data is None or len(data) != s.length(index):  # purged meanwhile
+                    self.outbound.pop(key, None)
+                    gone = f"task {out.task_id}'s payload is no longer stored"
+                    self._send(out.sock, out.ident, StreamAbort(s.sid, "StreamAborted", gone), [])
+                    break
+                if not self._send(out.sock, out.ident, Chunk(s.sid, index), [data]):
+                    self.outbound.pop(key, None)
+                    break
+            if s.done:
+                self.outbound.pop(key, None)
+
+    def has_ready(self) -> bool:
+        """True when some outbound stream may send now (the loop should not sleep)."""
+        return any(o.sender.next < min(o.sender.upto, o.sender.available) for o in self.outbound.values())
+
+    # ------------------------------------------------------------------ housekeeping
+    def expire(self, now: float) -> None:
+        """Abandon streams without progress for the stream timeout."""
+        timeout = self.settings.timeout
+        for inb in [i for i in self.inbound.values() if i.receiver.idle(now, timeout)]:
+            what = "arguments" if inb.kind == STREAM_INPUT else "result"
+            self._fail(inb, "StreamTimeout",
+                       f"no chunk of task {inb.task.task_id}'s {what} for {timeout:.0f}s ({inb.receiver.next} of "
+                       f"{len(inb.receiver)} chunks received): the sender stalled or died")
+        for key in [k for k, o in self.outbound.items()
+                    if o.sender.idle(now, timeout) and not (o.patient and o.sender.upto == 0)]:
+            out = self.outbound.pop(key)
+            log.warning("stream %d of task %s to %r: no credit for %.0fs; dropped", out.sender.sid, out.task_id,
+                        out.ident, timeout)
+
+    def drop_peer(self, ident: bytes) -> None:
+        """A peer is gone (an engine was lost): forget its streams; the gateway deals with their tasks."""
+        for key in [k for k in self.outbound if k[0] == ident]:
+            del self.outbound[key]
+        for key in [k for k in self.inbound if k[0] == ident]:
+            inb = self.inbound.pop(key)
+            self._touched.pop(key, None)
+            self._results.discard(inb.task.task_id)
+            self.journal.stream_drop(inb.kind, inb.task.task_id)
+
+    def receiving_result(self, task_id: str) -> bool:
+        return task_id in self._results
+
+    def stats(self) -> dict[str, int]:
+        return {**self.counters, "streams_inbound": len(self.inbound), "streams_outbound": len(self.outbound)}
+
