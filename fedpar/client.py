@@ -325,6 +325,9 @@ class _IOThread(threading.Thread):
         if got is not None:
             self.upload_of.pop(got[0], None)
             return
+        if msg.ename == "StreamRestarted":  # the engine's stream failed: the outcome comes separately
+            self.receivers.pop(msg.sid, None)
+            return
         if msg.sid in self.receivers:
             from fedpar import errors
 

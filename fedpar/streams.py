@@ -21,6 +21,7 @@ the engine and the controller's relay.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -165,7 +166,7 @@ class Sender:
 class Receiver:
     """The receiving end of one stream: checks each chunk against the layout and grants credit.
 
-    Without a ``sink``, the frames are preallocated (one ``bytearray`` per frame, their final memory) and
+    Without a ``sink``, the frames are preallocated (one writable buffer per frame, their final memory) and
     each chunk is copied into place: ``frames()`` then returns them, ready for ``payload.loads`` with no
     further copy. With a ``sink`` (the controller's store), each chunk is handed over instead.
     """
@@ -180,9 +181,9 @@ class Receiver:
         self.next = 0  # chunks received
         self.granted = 0  # credit announced so far
         self.touched = now
-        self._buffers: list[bytearray] | None = None
+        self._buffers: list[Any] | None = None
         if sink is None:
-            self._buffers = [bytearray(n) for n in self.sizes]
+            self._buffers = [_allocate(n) for n in self.sizes]
             sink = self._write
         self.sink = sink
 
@@ -229,11 +230,19 @@ class Receiver:
         """True when unfinished and no chunk arrived for ``timeout`` seconds (the sender stalled or died)."""
         return not self.done and now - self.touched > timeout
 
-    def frames(self) -> list[bytearray]:
+    def frames(self) -> list[Any]:
         """The received frames (only without a sink, once ``done``)."""
         if self._buffers is None or not self.done:
             raise RuntimeError("frames() needs a complete stream received into memory")
         return self._buffers
+
+
+def _allocate(n: int) -> Any:
+    """Writable memory for a received frame. Large frames get private anonymous pages (``mmap``), which
+    the kernel hands out already zeroed: unlike ``bytearray(n)`` nothing is written twice."""
+    if n < CHUNK_BYTES:
+        return bytearray(n)
+    return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def untrusted_chunk_sid(parts: Sequence[Any], start: int = 0) -> int | None:

@@ -480,9 +480,16 @@ class Gateway:
             self.dropped["MalformedMessage"] += 1
             return
         task = self.scheduler.get(res.task_id) or self.recovery.find(res.task_id)
-        if task is None or not self.relay.open_result(self.engine_sock, ident, task, res, sid, sizes, now):
+        w = self._watchers.get(res.task_id)
+        watchers = (w,) if isinstance(w, bytes) else tuple(w or ())
+        heads = None if task is None else self.relay.open_result(self.engine_sock, ident, task, res, sid, sizes, now,
+                                                                 watchers, self.client_sock)
+        if heads is None:
             self.dropped["DuplicateResult"] += 1
             self._send(self.engine_sock, ident, StreamAbort(sid, "StreamAborted", f"duplicate result of {res.task_id}"))
+            return
+        for client, fsid in heads:  # the watchers get the result as it arrives (cut-through)
+            self._to_clients[client].append((res._replace(nframes=0, stream=[fsid, sizes]), []))
 
     def _stream_complete(self, inb: Inbound) -> None:
         """Every chunk of an inbound stream is stored: queue its task, or finish it with its result."""
@@ -519,8 +526,10 @@ class Gateway:
         self._finished_now[task.task_id] = (res, frames)
         self.counters["finished"] += 1
         w = self._watchers.pop(task.task_id, None)
+        fed = self.relay.following(task.task_id) if res.stream is not None else ()
         for ident in (w,) if isinstance(w, bytes) else w or ():
-            self._to_clients[ident].append(self._for_client(ident, res, frames))
+            if ident not in fed:  # (a follower stream has been sending it already)
+                self._to_clients[ident].append(self._for_client(ident, res, frames))
 
     def _fail(self, task: Task, ename: str, evalue: str, now: float) -> None:
         res = ResultSpec(task.task_id, False, task.engine, task.assigned, now, [ename, evalue, ""], 0)
@@ -564,7 +573,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ end of a pass
     def _finish_pass(self, now: float) -> None:
-        self.relay.after_commit(self.journal.commit_chunks())  # stream chunks first: completions follow
+        self.relay.after_commit(self.journal.commit_chunks(), now)  # stream chunks first: completions follow
         dispatch = self.scheduler.assign(now)
         for _eid, tasks in dispatch:
             for t in tasks:

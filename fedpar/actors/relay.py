@@ -10,6 +10,12 @@ stream *completes*: the gateway then queues the task or finishes it, exactly as 
 Outbound streams (task arguments to an engine, a result to a client): chunks are read back from the store
 one at a time as the receiver grants credit.
 
+A result's watchers do not wait for the whole result: when an engine announces a streamed result, each client
+watching the task gets a *follower* stream at once, which sends every chunk as soon as it is stored (from
+the few just-committed chunk buffers the relay keeps, else from the store). If the engine's stream fails,
+the followers are told ``StreamRestarted``: the client drops the partial copy and keeps waiting for the
+task's outcome (a retry's result, or the failure).
+
 So the controller holds at most a credit window of chunks per stream (plus one pass's LMDB transaction),
 whatever the object's size. A stream that makes no progress for ``settings.timeout`` seconds is abandoned:
 an inbound one frees its stored chunks and fails its task with ``StreamTimeout``; an outbound one is
@@ -42,7 +48,7 @@ SendFn = Callable[[zmq.Socket[Any], bytes, Message, list[Any]], bool]
 class Inbound:
     """A stream the controller receives: a task's arguments (``kind`` input) or result (``kind`` result)."""
 
-    __slots__ = ("ident", "kind", "receiver", "res", "rid", "sock", "task")
+    __slots__ = ("followers", "ident", "kind", "receiver", "recent", "res", "rid", "sock", "task")
 
     def __init__(self, sock: zmq.Socket[Any], ident: bytes, kind: bytes, task: Task, receiver: Receiver,
                  rid: int = 0, res: ResultSpec | None = None):
@@ -53,6 +59,8 @@ class Inbound:
         self.receiver = receiver
         self.rid = rid  # input: the Submit to acknowledge
         self.res = res  # result: the engine's result head
+        self.followers: list[Outbound] = []  # result: streams to the watching clients, fed as chunks land
+        self.recent: dict[tuple[int, int], Any] = {}  # (frame, chunk) -> the last committed chunks' buffers
 
     @property
     def sizes(self) -> list[int]:
@@ -89,6 +97,7 @@ class Relay:
         self._sids = itertools.count(1)
         self._results: set[str] = set()  # task ids whose result is being received
         self._touched: dict[tuple[bytes, int], Inbound] = {}  # opened or fed this pass: credit after commit
+        self._following: dict[str, set[bytes]] = {}  # task id -> clients fed by a follower stream
         self.counters: dict[str, int] = {"streams_in": 0, "streams_out": 0, "streams_failed": 0, "chunks": 0}
 
     # ------------------------------------------------------------------ inbound
@@ -98,21 +107,48 @@ class Relay:
         self._open(Inbound(sock, ident, STREAM_INPUT, task, self._receiver(sid, sizes, STREAM_INPUT, task, now), rid))
 
     def open_result(self, sock: zmq.Socket[Any], ident: bytes, task: Task, res: ResultSpec, sid: int,
-                    sizes: list[int], now: float) -> bool:
-        """An engine announced a streamed result; False if one is being received for this task already."""
-        if task.task_id in self._results:
-            return False
-        self._results.add(task.task_id)
-        rec = self._receiver(sid, sizes, STREAM_RESULT, task, now)
-        self._open(Inbound(sock, ident, STREAM_RESULT, task, rec, res=res))
-        return True
+                    sizes: list[int], now: float, watchers: tuple[bytes, ...] = (),
+                    client_sock: zmq.Socket[Any] | None = None) -> list[tuple[bytes, int]] | None:
+        """An engine announced a streamed result; None if one is being received for this task already.
 
-    def _receiver(self, sid: int, sizes: list[int], kind: bytes, task: Task, now: float) -> Receiver:
+        Each of ``watchers`` (client idents) gets a follower stream; returns ``(ident, stream id)`` of each,
+        for the gateway to send the result heads.
+        """
+        tid = task.task_id
+        if tid in self._results:
+            return None
+        self._results.add(tid)
+        recent: dict[tuple[int, int], Any] = {}
+        inb = Inbound(sock, ident, STREAM_RESULT, task, self._receiver(sid, sizes, STREAM_RESULT, task, now, recent),
+                      res=res)
+        inb.recent = recent
+        self._open(inb)
+        heads: list[tuple[bytes, int]] = []
+        if client_sock is not None:
+            for w in watchers:
+                fsid = self.open_out(client_sock, w, STREAM_RESULT, tid, sizes, now, follow=inb)
+                heads.append((w, fsid))
+            if heads:
+                self._following[tid] = {w for w, _ in heads}
+        return heads
+
+    def following(self, task_id: str) -> set[bytes]:
+        """Clients that were sent a task's streamed result by a follower (forgotten once asked)."""
+        return self._following.pop(task_id, set())
+
+    def _receiver(self, sid: int, sizes: list[int], kind: bytes, task: Task, now: float,
+                  recent: dict[tuple[int, int], Any] | None = None) -> Receiver:
+        """A receiver writing each chunk to the store (and, for followers, into ``recent``)."""
         chunk = self.journal.stream_chunk
         tid = task.task_id
+        keep = self.settings.window
 
         def sink(frame: int, index: int, _off: int, data: Any) -> None:
             chunk(kind, tid, frame, index, data)
+            if recent is not None:  # kept for the followers: a window's worth, no more
+                recent[(frame, index)] = data
+                if len(recent) > keep:
+                    del recent[next(iter(recent))]
 
         return Receiver(sid, sizes, self.settings.window, now, sink)
 
@@ -147,7 +183,7 @@ class Relay:
         if inb is not None:
             self._fail(inb, "StreamCorrupted", f"a chunk of stream {sid} failed authentication; stream aborted")
 
-    def after_commit(self, refused: str) -> None:
+    def after_commit(self, refused: str, now: float) -> None:
         """The pass's chunks were committed (``refused`` empty) or refused: complete, fail or grant credit."""
         touched, self._touched = self._touched, {}
         for key, inb in touched.items():
@@ -156,7 +192,14 @@ class Relay:
             if refused:
                 self._fail(inb, "StoreFull" if refused.startswith("StoreFull") else "StreamAborted",
                            f"the controller's store refused the stream: {refused}")
-            elif inb.receiver.done:
+                continue
+            if inb.followers:
+                got = inb.receiver.next
+                for out in inb.followers:
+                    if out.sender.available < got:
+                        out.sender.available = got
+                        out.sender.touched = now
+            if inb.receiver.done:
                 del self.inbound[key]
                 self._results.discard(inb.task.task_id)
                 self._on_complete(inb)
@@ -173,6 +216,7 @@ class Relay:
         self._touched.pop(key, None)
         self._results.discard(inb.task.task_id)
         self.journal.stream_drop(inb.kind, inb.task.task_id)
+        self._restart_followers(inb, f"{ename}: {evalue}")
         self.counters["streams_failed"] += 1
         log.warning("stream %d of task %s from %r failed: %s: %s", inb.receiver.sid, inb.task.task_id, inb.ident,
                     ename, evalue)
@@ -180,9 +224,17 @@ class Relay:
             self._send(inb.sock, inb.ident, StreamAbort(inb.receiver.sid, ename, evalue), [])
         self._on_failed(inb, ename, evalue)
 
+    def _restart_followers(self, inb: Inbound, why: str) -> None:
+        """The result the followers relay will not arrive whole: their clients drop it and keep waiting."""
+        for out in inb.followers:
+            if self.outbound.pop((out.ident, out.sender.sid), None) is not None:
+                self._send(out.sock, out.ident, StreamAbort(out.sender.sid, "StreamRestarted", why), [])
+        inb.followers = []
+        self._following.pop(inb.task.task_id, None)
+
     # ------------------------------------------------------------------ outbound
     def open_out(self, sock: zmq.Socket[Any], ident: bytes, kind: bytes, task_id: str, sizes: list[int],
-                 now: float, *, patient: bool = False) -> int:
+                 now: float, *, patient: bool = False, follow: Inbound | None = None) -> int:
         """Send a stored payload to ``ident`` as a stream; returns its stream id (for the head).
 
         ``patient``: the receiver (an engine, busy with earlier tasks) may take any time to grant its first
@@ -190,11 +242,20 @@ class Relay:
         """
         sid = next(self._sids)
         get = self.journal.store.get_chunk
+        recent = follow.recent if follow is not None else None
 
         def source(frame: int, chunk: int, _off: int, _n: int) -> Any:
+            if recent is not None:
+                data = recent.get((frame, chunk))
+                if data is not None:
+                    return data
             return get(kind, task_id, frame, chunk)
 
-        self.outbound[(ident, sid)] = Outbound(sock, ident, kind, task_id, Sender(sid, sizes, source, now), patient)
+        out = Outbound(sock, ident, kind, task_id, Sender(sid, sizes, source, now), patient)
+        if follow is not None:
+            out.sender.available = follow.receiver.next
+            follow.followers.append(out)
+        self.outbound[(ident, sid)] = out
         self.counters["streams_out"] += 1
         return sid
 
@@ -261,6 +322,7 @@ class Relay:
             self._touched.pop(key, None)
             self._results.discard(inb.task.task_id)
             self.journal.stream_drop(inb.kind, inb.task.task_id)
+            self._restart_followers(inb, "the engine sending the result was lost")
 
     def receiving_result(self, task_id: str) -> bool:
         return task_id in self._results
