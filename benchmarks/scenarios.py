@@ -29,6 +29,7 @@ class Sizes:
     map_elements: int = 100_000
     latency_round_trips: int = 1_000
     payload_bytes: int = 100_000_000
+    large_payload_bytes: int = 1_000_000_000
     memory_tasks: int = 100_000
     memory_result_kb: int = 1
     restart_results: int = 100_000
@@ -45,6 +46,7 @@ class Sizes:
             map_elements=2_000,
             latency_round_trips=100,
             payload_bytes=4_000_000,
+            large_payload_bytes=12_000_000,
             memory_tasks=2_000,
             restart_results=2_000,
             batch=1_000,
@@ -117,6 +119,23 @@ SCENARIOS: dict[str, Scenario] = {
                 "2 x payload bytes / wall time (there and back). Memory = peak RssAnon of the "
                 "controller/scheduler process(es) during the transfer minus their RssAnon just "
                 "before it, as a multiple of the payload (sampled every ~5 ms)."
+            ),
+        ),
+        Scenario(
+            "payload_1gb",
+            "Very large payload, bounded memory",
+            (
+                Figure("push_pull_gbps", "push+pull GB/s", True),
+                Figure("ctrl_peak_mb", "ctrl peak growth MB", False),
+                Figure("client_x", "client growth x payload", False),
+                Figure("engine_x", "engine growth x payload", False),
+            ),
+            lambda z: (
+                f"A {z.large_payload_bytes / MB:,.0f} MB uint8 array pushed to one engine and pulled back. "
+                "Controller: peak RssAnon growth in MB during the transfer (the stream window bounds it, not "
+                "the object). Client and engine: peak RssAnon growth as a multiple of the payload (the pulled "
+                "copy on the client and the pushed copy on the engine are 1.0 each; more means extra copies). "
+                "Engine figure only where the system tells its worker pids."
             ),
         ),
         Scenario(
@@ -250,6 +269,38 @@ def _payload(system: System, sizes: Sizes) -> Measured:
     return figures, extra
 
 
+def _payload_1gb(system: System, sizes: Sizes) -> Measured:
+    import os
+
+    import numpy as np
+
+    arr = np.full(max(1, sizes.large_payload_bytes), 7, dtype=np.uint8)
+    arr[:: 1 << 20] = np.arange(len(arr[:: 1 << 20]), dtype=np.uint64).astype(np.uint8)
+    nbytes = int(arr.nbytes)
+    system.push_pull(np.zeros(16))  # warm-up
+    gc.collect()
+    time.sleep(SETTLE_BEFORE_S)
+    ctrl, client, engines = system.controller_pids(), [os.getpid()], system.engine_pids()
+    with RssSampler(ctrl) as cs, RssSampler(client) as us, RssSampler(engines or [os.getpid()]) as es:
+        t0 = time.perf_counter()
+        out = system.push_pull(arr)
+        dt = time.perf_counter() - t0
+    if out.shape != arr.shape or not np.array_equal(out[:: 1 << 16], arr[:: 1 << 16]) or int(out.sum()) != int(
+            arr.sum()):
+        raise AssertionError("payload_1gb: the array came back different")
+    del out
+    figures = {
+        "push_pull_gbps": 2 * nbytes / dt / GB,
+        "ctrl_peak_mb": cs.trace.growth / MB,
+        "client_x": us.trace.growth / nbytes,
+    }
+    if engines:
+        figures["engine_x"] = es.trace.growth / nbytes
+    extra: dict[str, Any] = {"payload_bytes": nbytes, "seconds": dt, "controller_pids": ctrl,
+                             "engine_pids": engines, "ctrl_baseline_mb": cs.trace.baseline / MB}
+    return figures, extra
+
+
 def _controller_memory(system: System, sizes: Sizes) -> Measured:
     n, kb = sizes.memory_tasks, sizes.memory_result_kb
     system.kilobyte_tasks(min(100, n), kb)  # warm-up
@@ -298,6 +349,7 @@ _RUNNERS: dict[str, Callable[[System, Sizes], Measured]] = {
     "throughput_map": _throughput_map,
     "latency": _latency,
     "payload": _payload,
+    "payload_1gb": _payload_1gb,
     "controller_memory": _controller_memory,
     "restart": _restart,
 }

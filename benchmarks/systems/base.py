@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    import numpy as np
     from numpy.typing import NDArray
 
-    Array = NDArray[np.float64]
+    Array = NDArray[Any]
 else:
     Array = Any
 
@@ -84,6 +83,10 @@ class System(abc.ABC):
     @abc.abstractmethod
     def controller_pids(self) -> list[int]:
         """Pids of the controller/scheduler process(es), whose RssAnon is measured."""
+
+    def engine_pids(self) -> list[int]:
+        """Pids of the engine/worker processes, where the system tells them (else empty)."""
+        return []
 
     # -- workloads (untimed; the scenarios time them) ----------------------------------------
     @abc.abstractmethod

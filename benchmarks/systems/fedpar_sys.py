@@ -99,6 +99,11 @@ class FedparSystem(System):
     def controller_pids(self) -> list[int]:
         return with_descendants([int(self._cluster.controller_pid)])
 
+    def engine_pids(self) -> list[int]:
+        engines = self._client.status()["engines"]
+        first = min(int(e["id"]) for e in engines)
+        return [int(e["pid"]) for e in engines if int(e["id"]) == first]  # the engine payloads go to (``_e0``)
+
     # -- workloads ---------------------------------------------------------------------------
     def apply_burst(self, n: int) -> None:
         ars = [self._lview.apply_async(workloads.noop, i) for i in range(n)]

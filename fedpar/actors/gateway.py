@@ -277,7 +277,7 @@ class Gateway:
                 accepted.append(spec.task_id)  # in flight already, or sent again after a reconnect: never twice
                 continue
             head = spec.spec.get("stream")
-            if head is not None:  # the arguments follow as a stream: queued once they are all stored
+            if head is not None:  # the arguments follow as a stream: scheduled now, recorded once all stored
                 try:
                     sid, sizes = parse_head(head)
                 except MalformedMessage as exc:
@@ -286,6 +286,8 @@ class Gateway:
                 task = Task(spec.task_id, sender, spec.op, spec.target, len(sizes), spec.retries, spec.spec, None,
                             now)
                 self.relay.open_input(self.client_sock, ident, rid, task, sid, sizes, now)
+                sched.submit(task)
+                self._watch(task.task_id, ident)
                 continue
             task = Task(spec.task_id, sender, spec.op, spec.target, spec.nframes, spec.retries, spec.spec,
                         tframes, now)
@@ -495,9 +497,7 @@ class Gateway:
         """Every chunk of an inbound stream is stored: queue its task, or finish it with its result."""
         task = inb.task
         if inb.kind == STREAM_INPUT:
-            self.scheduler.submit(task)
             self.journal.task_queued(task, streamed=True)
-            self._watch(task.task_id, inb.ident)
             self._acks.setdefault((inb.ident, inb.rid), []).append(task.task_id)
             self.counters["submitted"] += 1
             return
@@ -513,8 +513,12 @@ class Gateway:
     def _stream_failed(self, inb: Inbound, ename: str, evalue: str) -> None:
         """An inbound stream was abandoned: refuse its submission, or fail its task."""
         tid = inb.task.task_id
-        if inb.kind == STREAM_INPUT:
+        if inb.kind == STREAM_INPUT:  # scheduled already (maybe running on its engine): withdraw it
             self._rejects[(inb.ident, inb.rid)].append([tid, ename, evalue])
+            if not self.scheduler.cancel_queued([tid]):
+                self.scheduler.complete(tid, None, None)
+            self._watchers.pop(tid, None)
+            self.journal.unrecorded.discard(tid)
             return
         task = self.scheduler.complete(tid, None, None) or self.recovery.take(tid)
         if task is not None:
@@ -522,6 +526,9 @@ class Gateway:
 
     def _finish(self, task: Task, res: ResultSpec, frames: list[Any]) -> None:
         """Record a task's outcome and send it to its watchers (``res.stream``: stored chunk by chunk)."""
+        if self.relay.input_of(task.task_id) is not None:  # failed before its arguments finished arriving
+            self.relay.fail_input(task.task_id, "TaskAborted", f"task {task.task_id} ended before its arguments "
+                                                               f"arrived: {res.error[1] if res.error else ''}")
         self.journal.task_finished(task, res, frames, None if res.stream is None else res.stream[1])
         self._finished_now[task.task_id] = (res, frames)
         self.counters["finished"] += 1
@@ -589,8 +596,9 @@ class Gateway:
             for task in refused:  # refused ones already assigned this pass give their slot back
                 self.scheduler.complete(task.task_id, None, None)
                 self._watchers.pop(task.task_id, None)
-                if "stream" in task.spec:  # its streamed arguments are stored already: free them
+                if "stream" in task.spec:  # its streamed arguments are stored already: free them, stop relaying
                     self.journal.stream_drop(STREAM_INPUT, task.task_id)
+                    self.relay.abort_followers(task.task_id, f"the submission was refused: {why}")
             for (ident, rid), ids in self._acks.items():
                 bad = [i for i in ids if i in refused_ids]
                 if bad:
@@ -638,7 +646,8 @@ class Gateway:
             head = t.spec.get("stream")
             if head is not None:  # large arguments: streamed from the store as the engine grants credit
                 sizes = head[1]
-                sid = self.relay.open_out(self.engine_sock, ident, STREAM_INPUT, t.task_id, sizes, now, patient=True)
+                sid = self.relay.open_out(self.engine_sock, ident, STREAM_INPUT, t.task_id, sizes, now, patient=True,
+                                          follow=self.relay.input_of(t.task_id))
                 specs.append(TaskSpec(t.task_id, t.op, t.target, 0, t.retries, {**t.spec, "stream": [sid, sizes]}))
                 continue
             tframes = t.frames

@@ -50,10 +50,16 @@ class Journal:
         self._new_rows: dict[str, list[Any]] = {}  # rows of tasks submitted this pass
         self._rows: dict[str, list[Any]] = {}  # rows of older tasks that changed this pass
         self.unstored_results = 0  # results delivered although the store refused them
+        # Tasks whose streamed arguments are still arriving: they may be dispatched already (the engine gets
+        # each chunk as it is stored) but exist in the store only once their arguments are complete.
+        self.unrecorded: set[str] = set()
 
     def task_queued(self, task: Task, *, streamed: bool = False) -> None:
-        """A new submission; ``streamed``: its inputs were written chunk by chunk (``stream_chunk``)."""
-        self._new_rows[task.task_id] = task_row(task, QUEUED)
+        """A new submission; ``streamed``: its inputs were written chunk by chunk (``stream_chunk``), and it
+        may be assigned or running already."""
+        state = QUEUED if task.engine is None else RUNNING if task.running else ASSIGNED
+        self.unrecorded.discard(task.task_id)
+        self._new_rows[task.task_id] = task_row(task, state)
         if streamed:
             self._submits.end_stream(STREAM_INPUT, task.task_id)
         else:
@@ -83,18 +89,27 @@ class Journal:
         return ""
 
     def task_assigned(self, task: Task) -> None:
+        if task.task_id in self.unrecorded:
+            return
         rows = self._new_rows if task.task_id in self._new_rows else self._rows
         rows[task.task_id] = task_row(task, ASSIGNED)
 
     def task_running(self, task: Task) -> None:
+        if task.task_id in self.unrecorded:
+            return
         self._rows[task.task_id] = task_row(task, RUNNING)
 
     def task_requeued(self, task: Task) -> None:
+        if task.task_id in self.unrecorded:
+            return
         self._rows[task.task_id] = task_row(task, QUEUED)
 
     def task_finished(self, task: Task, res: ResultSpec, frames: Sequence[Any],
                       streamed: Sequence[int] | None = None) -> None:
-        """A task's outcome; ``streamed`` (frame sizes): its payload was written chunk by chunk already."""
+        """A task's outcome; ``streamed`` (frame sizes): its payload was written chunk by chunk already.
+        Not stored for a task whose arguments never arrived whole (its submission is refused instead)."""
+        if task.task_id in self.unrecorded:
+            return
         rec = ResultRecord(
             res.task_id, res.ok, res.engine, res.started, res.completed,
             (res.error[0], res.error[1], res.error[2]) if res.error is not None else None,

@@ -5,16 +5,18 @@ Runs on the gateway thread (the gateway calls it; it owns no socket and no threa
 Inbound streams (a client's task arguments, an engine's result): each chunk is written to the store in
 the pass it arrives (``Journal.stream_chunk``, committed on its own before anything else of the pass), and
 only after that commit does the relay grant the sender more credit. When the last chunk is stored the
-stream *completes*: the gateway then queues the task or finishes it, exactly as for a small payload.
+stream *completes*: the gateway then records and acknowledges the task, or finishes it with its result.
 
 Outbound streams (task arguments to an engine, a result to a client): chunks are read back from the store
 one at a time as the receiver grants credit.
 
-A result's watchers do not wait for the whole result: when an engine announces a streamed result, each client
-watching the task gets a *follower* stream at once, which sends every chunk as soon as it is stored (from
-the few just-committed chunk buffers the relay keeps, else from the store). If the engine's stream fails,
-the followers are told ``StreamRestarted``: the client drops the partial copy and keeps waiting for the
-task's outcome (a retry's result, or the failure).
+Nothing waits for a whole object (cut-through): a task with streamed arguments is scheduled when its head
+arrives (but stored and acknowledged only once complete, see ``Journal.unrecorded``), and the engine it is
+dispatched to gets a *follower* stream that sends every chunk as soon as it is stored; likewise each client
+watching a task gets a follower of its streamed result. Followers send from the few just-committed chunk
+buffers the relay keeps, else from the store. If the inbound stream fails, the followers are aborted: an
+engine reports the task failed (the controller ignores it: the submission was refused), a client is told
+``StreamRestarted`` and keeps waiting for the task's outcome (a retry's result, or the failure).
 
 So the controller holds at most a credit window of chunks per stream (plus one pass's LMDB transaction),
 whatever the object's size. A stream that makes no progress for ``settings.timeout`` seconds is abandoned:
@@ -98,13 +100,30 @@ class Relay:
         self._results: set[str] = set()  # task ids whose result is being received
         self._touched: dict[tuple[bytes, int], Inbound] = {}  # opened or fed this pass: credit after commit
         self._following: dict[str, set[bytes]] = {}  # task id -> clients fed by a follower stream
+        self._inputs: dict[str, Inbound] = {}  # task id -> its arguments' stream, while incomplete
         self.counters: dict[str, int] = {"streams_in": 0, "streams_out": 0, "streams_failed": 0, "chunks": 0}
 
     # ------------------------------------------------------------------ inbound
     def open_input(self, sock: zmq.Socket[Any], ident: bytes, rid: int, task: Task, sid: int, sizes: list[int],
                    now: float) -> None:
-        """A client announced a streamed task (``task`` is not submitted until the stream completes)."""
-        self._open(Inbound(sock, ident, STREAM_INPUT, task, self._receiver(sid, sizes, STREAM_INPUT, task, now), rid))
+        """A client announced a streamed task (the gateway schedules it now; it is recorded at completion)."""
+        recent: dict[tuple[int, int], Any] = {}
+        inb = Inbound(sock, ident, STREAM_INPUT, task, self._receiver(sid, sizes, STREAM_INPUT, task, now, recent),
+                      rid)
+        inb.recent = recent
+        self._open(inb)
+        self._inputs[task.task_id] = inb
+        self.journal.unrecorded.add(task.task_id)
+
+    def fail_input(self, task_id: str, ename: str, evalue: str) -> None:
+        """Abandon the arguments' stream of a task (it ended without them, e.g. its engine was lost)."""
+        inb = self._inputs.get(task_id)
+        if inb is not None:
+            self._fail(inb, ename, evalue)
+
+    def input_of(self, task_id: str) -> Inbound | None:
+        """The inbound stream of a task's arguments while they are still arriving."""
+        return self._inputs.get(task_id)
 
     def open_result(self, sock: zmq.Socket[Any], ident: bytes, task: Task, res: ResultSpec, sid: int,
                     sizes: list[int], now: float, watchers: tuple[bytes, ...] = (),
@@ -202,6 +221,7 @@ class Relay:
             if inb.receiver.done:
                 del self.inbound[key]
                 self._results.discard(inb.task.task_id)
+                self._inputs.pop(inb.task.task_id, None)
                 self._on_complete(inb)
             else:
                 upto = inb.receiver.credit()
@@ -215,6 +235,7 @@ class Relay:
             del self.inbound[key]
         self._touched.pop(key, None)
         self._results.discard(inb.task.task_id)
+        self._inputs.pop(inb.task.task_id, None)
         self.journal.stream_drop(inb.kind, inb.task.task_id)
         self._restart_followers(inb, f"{ename}: {evalue}")
         self.counters["streams_failed"] += 1
@@ -225,12 +246,18 @@ class Relay:
         self._on_failed(inb, ename, evalue)
 
     def _restart_followers(self, inb: Inbound, why: str) -> None:
-        """The result the followers relay will not arrive whole: their clients drop it and keep waiting."""
+        """The payload the followers relay will not arrive whole: abort them (a client then keeps waiting)."""
         for out in inb.followers:
             if self.outbound.pop((out.ident, out.sender.sid), None) is not None:
                 self._send(out.sock, out.ident, StreamAbort(out.sender.sid, "StreamRestarted", why), [])
         inb.followers = []
         self._following.pop(inb.task.task_id, None)
+
+    def abort_followers(self, task_id: str, why: str) -> None:
+        """Stop relaying a task's arguments to its engine (the submission was refused after all)."""
+        for out in [o for o in self.outbound.values() if o.task_id == task_id and o.kind == STREAM_INPUT]:
+            self.outbound.pop((out.ident, out.sender.sid), None)
+            self._send(out.sock, out.ident, StreamAbort(out.sender.sid, "StreamAborted", why), [])
 
     # ------------------------------------------------------------------ outbound
     def open_out(self, sock: zmq.Socket[Any], ident: bytes, kind: bytes, task_id: str, sizes: list[int],
@@ -323,6 +350,8 @@ class Relay:
             self._results.discard(inb.task.task_id)
             self.journal.stream_drop(inb.kind, inb.task.task_id)
             self._restart_followers(inb, "the engine sending the result was lost")
+        for inb in self._inputs.values():  # arguments on their way to that engine: it will not take them
+            inb.followers = [o for o in inb.followers if o.ident != ident]
 
     def receiving_result(self, task_id: str) -> bool:
         return task_id in self._results
