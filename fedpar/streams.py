@@ -21,6 +21,7 @@ the engine and the controller's relay.
 
 from __future__ import annotations
 
+import math
 import mmap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,10 +54,12 @@ class StreamSettings:
         d = cls()
         t, w, s = raw.get("threshold"), raw.get("window"), raw.get("timeout")
         return cls(
-            t if isinstance(t, int) and t >= 0 else d.threshold,
-            w if isinstance(w, int) and w >= 1 else d.window,
-            float(s) if isinstance(s, (int, float)) and s > 0 else d.timeout,
+            t if isinstance(t, int) and not isinstance(t, bool) and t >= 0 else d.threshold,
+            w if isinstance(w, int) and not isinstance(w, bool) and w >= 1 else d.window,
+            float(s) if isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < math.inf
+            else d.timeout,
         )
+
 
 
 def frame_size(f: Any) -> int:

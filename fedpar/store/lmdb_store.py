@@ -452,8 +452,18 @@ class LmdbStore:
     def get_chunk(self, kind: bytes, task_id: str, frame: int, chunk: int) -> bytes | None:
         """One stored chunk of a task's input (``S.STREAM_INPUT``) or result (``S.STREAM_RESULT``) payload."""
         db = self._inputs if kind == S.STREAM_INPUT else self._blobs
-        key = S.chunk_key(S.chunk_prefix(S.task_key(task_id)), frame, chunk)
-        return self._read(lambda txn: txn.get(key, db=db))
+        prefix = S.chunk_prefix(S.task_key(task_id))
+        key = S.chunk_key(prefix, frame, chunk)
+
+        def read(txn: lmdb.Transaction[bytes]) -> bytes | None:
+            got = txn.get(key, db=db)
+            if got is None and (packed := txn.get(prefix + S.PACKED, db=db)) is not None:
+                frames = msgpack.unpackb(packed, use_list=True)  # small frames stored as one value
+                if frame < len(frames):
+                    return bytes(frames[frame][chunk * S.CHUNK:(chunk + 1) * S.CHUNK])
+            return got
+
+        return self._read(read)
 
     def partial_streams(self) -> list[tuple[bytes, str]]:
         """``(kind, task id)`` of the streams left partly written (by a controller that died meanwhile)."""
