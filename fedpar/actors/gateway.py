@@ -526,9 +526,14 @@ class Gateway:
 
     def _finish(self, task: Task, res: ResultSpec, frames: list[Any]) -> None:
         """Record a task's outcome and send it to its watchers (``res.stream``: stored chunk by chunk)."""
-        if self.relay.input_of(task.task_id) is not None:  # failed before its arguments finished arriving
-            self.relay.fail_input(task.task_id, "TaskAborted", f"task {task.task_id} ended before its arguments "
-                                                               f"arrived: {res.error[1] if res.error else ''}")
+        if self.relay.input_of(task.task_id) is not None:
+            # It failed (its engine was lost) before its arguments finished arriving: it was never stored or
+            # acknowledged, so its submission is refused with that error instead, and nothing is recorded.
+            ename, evalue = (res.error[0], res.error[1]) if res.error else ("TaskAborted", "")
+            self.relay.fail_input(task.task_id, ename.removeprefix("fedpar.") if ename.startswith("fedpar.")
+                                  else "TaskAborted", f"task {task.task_id} ended before its arguments arrived: "
+                                                      f"{evalue}")
+            return
         self.journal.task_finished(task, res, frames, None if res.stream is None else res.stream[1])
         self._finished_now[task.task_id] = (res, frames)
         self.counters["finished"] += 1
