@@ -280,31 +280,31 @@ class Engine:
         timeout = self._stream.timeout
         sender = Sender(sid, sizes, memory_source(frames), time.monotonic())
         send_parts(sock, codec.encode(Results([res._replace(nframes=0, stream=[sid, sizes])]))[0])
-        why = ""
+        why: tuple[str, str] | None = None  # (error class, message) if the stream failed
         try:
             while not sender.done:
                 rx = self._next_message(sock, codec, sid, sender.touched + timeout)
                 if rx is None:
-                    why = f"StreamTimeout: the controller granted no credit for {timeout:.0f}s"
+                    why = ("StreamTimeout", f"the controller granted no credit for {timeout:.0f}s")
                     break
                 msg = rx.msg
                 if isinstance(msg, StreamAbort):
                     if msg.evalue.startswith("duplicate"):  # the task is finished already: nothing is lost
                         self._holding.discard(res.task_id)
                         return
-                    why = f"{msg.ename}: {msg.evalue}"
+                    why = (msg.ename, msg.evalue)
                     break
                 if isinstance(msg, Credit):
                     sender.grant(msg.upto, time.monotonic())
                     for index, data in sender.ready():
                         send_parts(sock, codec.encode(Chunk(sid, index), [data])[0])
         except StreamError as exc:
-            why = f"{type(exc).__name__}: {exc}"
-        if why:  # report the failure instead, so the task does not wait for ever
-            log.warning("could not stream the result of task %s: %s", res.task_id, why)
-            ename = why.split(":", 1)[0]
+            why = (type(exc).__name__, str(exc))
+        if why is not None:  # report the failure instead, so the task does not wait for ever
+            ename, evalue = why
+            log.warning("could not stream the result of task %s: %s: %s", res.task_id, ename, evalue)
             err = res._replace(ok=False, nframes=0, stream=None,
-                               error=[f"fedpar.{ename}", f"the result stream failed: {why}", ""])
+                               error=[f"fedpar.{ename}", f"the result stream failed: {ename}: {evalue}", ""])
             self._send_results(sock, codec, [err], [])
             return
         self._holding.discard(res.task_id)

@@ -52,17 +52,17 @@ class Inbound:
 
     __slots__ = ("followers", "ident", "kind", "receiver", "recent", "res", "rid", "sock", "task")
 
-    def __init__(self, sock: zmq.Socket[Any], ident: bytes, kind: bytes, task: Task, receiver: Receiver,
-                 rid: int = 0, res: ResultSpec | None = None):
+    def __init__(self, sock: zmq.Socket[Any], ident: bytes, kind: bytes, task: Task, rid: int = 0,
+                 res: ResultSpec | None = None):
         self.sock = sock
         self.ident = ident
         self.kind = kind
         self.task = task
-        self.receiver = receiver
         self.rid = rid  # input: the Submit to acknowledge
         self.res = res  # result: the engine's result head
-        self.followers: list[Outbound] = []  # result: streams to the watching clients, fed as chunks land
+        self.followers: list[Outbound] = []  # streams relaying this one (to its engine, to watching clients)
         self.recent: dict[tuple[int, int], Any] = {}  # (frame, chunk) -> the last committed chunks' buffers
+        self.receiver: Receiver  # set by Relay._open
 
     @property
     def sizes(self) -> list[int]:
@@ -107,11 +107,7 @@ class Relay:
     def open_input(self, sock: zmq.Socket[Any], ident: bytes, rid: int, task: Task, sid: int, sizes: list[int],
                    now: float) -> None:
         """A client announced a streamed task (the gateway schedules it now; it is recorded at completion)."""
-        recent: dict[tuple[int, int], Any] = {}
-        inb = Inbound(sock, ident, STREAM_INPUT, task, self._receiver(sid, sizes, STREAM_INPUT, task, now, recent),
-                      rid)
-        inb.recent = recent
-        self._open(inb)
+        inb = self._open(Inbound(sock, ident, STREAM_INPUT, task, rid), sid, sizes, now)
         self._inputs[task.task_id] = inb
         self.journal.unrecorded.add(task.task_id)
 
@@ -137,11 +133,7 @@ class Relay:
         if tid in self._results:
             return None
         self._results.add(tid)
-        recent: dict[tuple[int, int], Any] = {}
-        inb = Inbound(sock, ident, STREAM_RESULT, task, self._receiver(sid, sizes, STREAM_RESULT, task, now, recent),
-                      res=res)
-        inb.recent = recent
-        self._open(inb)
+        inb = self._open(Inbound(sock, ident, STREAM_RESULT, task, res=res), sid, sizes, now)
         heads: list[tuple[bytes, int]] = []
         if client_sock is not None:
             for w in watchers:
@@ -155,24 +147,20 @@ class Relay:
         """Clients that were sent a task's streamed result by a follower (forgotten once asked)."""
         return self._following.pop(task_id, set())
 
-    def _receiver(self, sid: int, sizes: list[int], kind: bytes, task: Task, now: float,
-                  recent: dict[tuple[int, int], Any] | None = None) -> Receiver:
-        """A receiver writing each chunk to the store (and, for followers, into ``recent``)."""
+    def _open(self, inb: Inbound, sid: int, sizes: list[int], now: float) -> Inbound:
+        """Give ``inb`` a receiver writing each chunk to the store (and the last window of chunks into
+        ``inb.recent``, for its followers) and start receiving."""
         chunk = self.journal.stream_chunk
-        tid = task.task_id
-        keep = self.settings.window
+        kind, tid, recent, keep = inb.kind, inb.task.task_id, inb.recent, self.settings.window
 
         def sink(frame: int, index: int, _off: int, data: Any) -> None:
             chunk(kind, tid, frame, index, data)
-            if recent is not None:  # kept for the followers: a window's worth, no more
-                recent[(frame, index)] = data
-                if len(recent) > keep:
-                    del recent[next(iter(recent))]
+            recent[(frame, index)] = data
+            if len(recent) > keep:
+                del recent[next(iter(recent))]
 
-        return Receiver(sid, sizes, self.settings.window, now, sink)
-
-    def _open(self, inb: Inbound) -> None:
-        key = (inb.ident, inb.receiver.sid)
+        inb.receiver = Receiver(sid, sizes, keep, now, sink)
+        key = (inb.ident, sid)
         old = self.inbound.pop(key, None)
         if old is not None:  # the sender reused a stream id: the old stream is dead
             self._fail(old, "StreamAborted", "the sender started another stream under the same id", tell=False)
@@ -180,6 +168,7 @@ class Relay:
         self._touched[key] = inb
         self.journal.stream_begin(inb.kind, inb.task.task_id)
         self.counters["streams_in"] += 1
+        return inb
 
     def on_chunk(self, sock: zmq.Socket[Any], ident: bytes, msg: Chunk, data: Any, now: float) -> None:
         key = (ident, msg.sid)
