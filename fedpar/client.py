@@ -22,12 +22,14 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from fedpar.codec import Codec, Received
+from fedpar.direct import OFFER, ClientLink, wants_direct
 from fedpar.errors import (
     ControllerUnavailable,
     FedparError,
@@ -67,11 +69,13 @@ from fedpar.results import AsyncResult, as_list, first
 from fedpar.runtime import ConnectionInfo, read_connection_file
 from fedpar.store.records import TaskRecord
 from fedpar.streams import (
+    DELIVERED,
     Receiver,
     Sender,
     StreamSettings,
     frame_size,
     memory_source,
+    not_kept,
     parse_head,
     should_stream,
     untrusted_chunk_sid,
@@ -119,13 +123,15 @@ class _IOThread(threading.Thread):
         self.senders: dict[int, tuple[str, Sender]] = {}
         self.upload_of: dict[str, int] = {}  # task id -> stream id of its upload
         self.receivers: dict[int, tuple[ResultSpec, Receiver]] = {}
+        self.link: ClientLink | None = None  # direct streams with engines on this host, bound when first offered
+        self.poller = zmq.Poller()
 
     def queue(self, item: Message | TaskSpec, frames: list[Any], reply: Future[Received] | None = None) -> None:
         self.outbox.append((item, frames, reply))
         self.waker.wake()
 
     def run(self) -> None:
-        poller = zmq.Poller()
+        poller = self.poller
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.waker.fileno(), zmq.POLLIN)
         try:
@@ -151,12 +157,20 @@ class _IOThread(threading.Thread):
                         if not readable(self.sock):
                             break
                         self._on_message(recv_parts(self.sock, NOBLOCK))
+                link = self.link
+                if link is not None:
+                    if link.sock in ready:
+                        self._on_direct(link)
+                    if link.busy:
+                        link.expire(time.monotonic())
                 if self.senders or self.receivers:
                     self._expire_streams(time.monotonic())
         except Exception:  # pragma: no cover - a bug here must not hang the user silently
             log.exception("client I/O thread failed")
             self.client._fail_all(ControllerUnavailable("the client's I/O thread failed; see the log"))
         finally:
+            if self.link is not None:
+                self.link.close()
             self.sock.close(0)
             self.waker.close()
 
@@ -173,6 +187,8 @@ class _IOThread(threading.Thread):
                        and size < SUBMIT_BATCH_BYTES):
                     nxt, nframes, _ = out.popleft()
                     assert isinstance(nxt, TaskSpec)
+                    if nxt.spec.get(OFFER) is True:  # may go straight to the engine: offer this client's socket
+                        nxt = self._offer(nxt)
                     specs.append(nxt)
                     self.unacked[nxt.task_id] = (nxt, nframes)
                     if "stream" in nxt.spec:  # large arguments: sent as a stream when the controller grants credit
@@ -219,6 +235,8 @@ class _IOThread(threading.Thread):
             expected = self.expected
             results = msg.results
             frames = rx.frames
+            if self.link is not None:
+                results = self._direct_outcomes(results)
             if any(r.stream is not None for r in results):  # large results follow as streams
                 results, frames = self._open_downloads(results, frames)
             for r in results:
@@ -234,7 +252,7 @@ class _IOThread(threading.Thread):
             self.expected.update(msg.accepted)
             if self.upload_of:
                 for tid in msg.accepted:
-                    self._close_upload(tid)
+                    self._close_upload(tid, acked=True)
             if msg.rejected:
                 for tid, *_ in msg.rejected:
                     self.unacked.pop(tid, None)
@@ -256,11 +274,64 @@ class _IOThread(threading.Thread):
         sid, sizes = spec.spec["stream"]
         self.senders[sid] = (spec.task_id, Sender(sid, sizes, memory_source(frames), time.monotonic()))
         self.upload_of[spec.task_id] = sid
+        if self.link is not None and OFFER in spec.spec:  # or the engine asks for it directly
+            self.link.keep_upload(spec.task_id, sid, sizes, frames)
 
-    def _close_upload(self, task_id: str) -> None:
+    def _close_upload(self, task_id: str, acked: bool = False) -> None:
+        """Forget an upload. On its acknowledgement an upload the controller took no chunk of goes direct: the
+        arguments stay on offer to the engine (``fedpar.direct``) until the task's outcome arrives."""
         sid = self.upload_of.pop(task_id, None)
         if sid is not None:
-            self.senders.pop(sid, None)
+            got = self.senders.pop(sid, None)
+            if acked and got is not None and got[1].next == 0 and self.link is not None:
+                return
+        if self.link is not None:
+            self.link.drop_upload(task_id)
+
+    # ------------------------------------------------------------------ direct streams (fedpar.direct)
+    def _offer(self, spec: TaskSpec) -> TaskSpec:
+        """``spec`` with this client's direct-stream offer (binding its socket the first time), or without."""
+        if self.link is None:
+            try:
+                self.link = ClientLink(self.client._ctx, self.codec, self.settings)
+            except FedparError as exc:
+                log.warning("no direct streams: %s", exc)
+                self.settings = replace(self.settings, direct=False)
+                return spec._replace(spec={k: v for k, v in spec.spec.items() if k != OFFER})
+            self.poller.register(self.link.sock, zmq.POLLIN)
+        return spec._replace(spec={**spec.spec, OFFER: self.link.offer})
+
+    def _on_direct(self, link: ClientLink) -> None:
+        """Messages from engines on the direct-stream socket; completed downloads become results."""
+        waiting = self.client._waiting
+        for _ in range(1024):
+            if not readable(link.sock):
+                return
+            for res, frames in link.on_message(recv_parts(link.sock, NOBLOCK), waiting.__contains__,
+                                               time.monotonic()):
+                self.expected.discard(res.task_id)
+                link.drop_upload(res.task_id)
+                self.client._on_results([res], frames, [])
+
+    def _direct_outcomes(self, results: list[ResultSpec]) -> list[ResultSpec]:
+        """Outcomes from the controller, seen by the direct side: an outcome ends the task's direct upload
+        (and a direct download still running: the controller's word is final, e.g. the engine died); a
+        ``DELIVERED`` notice is dropped while the result is arriving here, else it says it is not kept."""
+        link = self.link
+        assert link is not None
+        out: list[ResultSpec] = []
+        for r in results:
+            link.drop_upload(r.task_id)
+            delivered = isinstance(r.stream, list) and len(r.stream) == 2 and r.stream[0] == DELIVERED
+            if link.downloading(r.task_id):
+                if delivered:
+                    continue
+                link.drop_download(r.task_id, "the controller reported the task's outcome")
+            if delivered:
+                r = r._replace(ok=False, nframes=0, stream=None,
+                               error=["fedpar.ResultNotFound", not_kept(r.task_id), ""])
+            out.append(r)
+        return out
 
     def _pump(self, sender: Sender, upto: int) -> None:
         sender.grant(upto, time.monotonic())
@@ -357,7 +428,7 @@ class _IOThread(threading.Thread):
         log.warning("controller restarted (epoch %s -> %s); resynchronising %d unacknowledged task(s)",
                     self.epoch, epoch, len(self.unacked))
         self.senders.clear()
-        self.upload_of.clear()
+        self.upload_of.clear()  # (direct uploads stay on offer: a re-dispatched task is served again)
         self.receivers.clear()  # results being downloaded are in ``expected``: asked for again below
         resend: list[TaskSpec] = []
         frames: list[Any] = []
@@ -467,8 +538,12 @@ class Client:
                 self._waiting[tid] = [(ar, i)]
         io = self._io
         threshold = io.settings.threshold
+        direct = io.settings.direct
         for tid, (op, target, frames, spec) in zip(ids, items, strict=True):
-            if should_stream(frames, threshold):  # too big for one message: its bytes follow as a stream
+            streamed = should_stream(frames, threshold)
+            if direct and wants_direct(op, target, streamed):  # the I/O thread fills in the offer
+                spec = {**spec, OFFER: True}
+            if streamed:  # too big for one message: its bytes follow as a stream
                 spec = {**spec, "stream": [next(io.sids), [frame_size(f) for f in frames]]}
                 io.queue(TaskSpec(tid, op, target, 0, retries, spec), frames)
             else:

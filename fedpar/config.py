@@ -154,6 +154,10 @@ class StreamConfig:
         size=True))
     timeout: float = field(default=30.0, metadata=_doc(
         "a stream that makes no progress for this many seconds fails with StreamTimeout"))
+    direct: bool = field(default=True, metadata=_doc(
+        "a client and an engine on the same host exchange large arguments of tasks sent to that engine "
+        "(push, DirectView apply) and large pull results over a unix socket: the controller brokers them, "
+        "the bytes skip it (so such pull results are not stored)"))
 
     def __post_init__(self) -> None:
         _check(self.threshold >= 0, "stream", "threshold", self.threshold, "must be >= 0")

@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from fedpar.codec import Codec, Received
+from fedpar.direct import OFFER, EngineLinks
 from fedpar.errors import (
     ControllerUnavailable,
     ProtocolError,
@@ -47,6 +48,7 @@ from fedpar.protocol import (
 )
 from fedpar.runtime import ConnectionInfo
 from fedpar.streams import (
+    DELIVERED,
     Receiver,
     Sender,
     StreamSettings,
@@ -64,6 +66,7 @@ RESULT_BATCH = 64
 RESULT_BATCH_SECONDS = 0.002
 RECENT_RESULTS = 1024  # results kept after sending, to resend if the controller dies before storing them
 RECENT_BYTES = 64 << 20
+DIRECT_FIRST_WAIT = 5.0  # seconds a client offering a direct stream has to answer (else: via the controller)
 
 
 class Reference:
@@ -102,6 +105,7 @@ class Engine:
         self._stream = StreamSettings()  # the cluster's, from the controller's welcome
         self._sids = itertools.count(1)
         self._backlog: deque[Received] = deque()  # messages read while a stream was in progress
+        self._links = EngineLinks(self._ctx, f"d:{self.uuid}".encode())  # direct streams (fedpar.direct)
 
     # ------------------------------------------------------------------ main thread
     def run(self, register_timeout: float = 30.0) -> int:
@@ -121,6 +125,7 @@ class Engine:
             return 3
         finally:
             self._stop.set()
+            self._links.close()
             sock.close(0)
 
     def _register(self, sock: zmq.Socket[Any], codec: Codec, task_ident: bytes, timeout: float) -> float:
@@ -185,7 +190,7 @@ class Engine:
                 head = spec.spec.get("stream")
                 if head is not None:  # large arguments: received into their final memory first
                     try:
-                        tframes = self._receive_stream(sock, codec, head)
+                        tframes = self._receive_args(sock, codec, head, spec.spec)
                     except StreamError as exc:
                         now = time.time()
                         results.append(ResultSpec(spec.task_id, False, self.engine_id, now, now,
@@ -196,7 +201,8 @@ class Engine:
                     if results:
                         self._send_results(sock, codec, results, frames)
                         results, frames = [], []
-                    self._stream_result(sock, codec, res, rframes)
+                    direct = self._links.socket_for(spec.spec) if spec.op == "pull" else None
+                    self._stream_result(sock, codec, res, rframes, direct)
                     continue
                 results.append(res)
                 frames.extend(rframes)
@@ -222,9 +228,11 @@ class Engine:
             self._recent_bytes -= sum(len(f) for f in fr)
 
     # ------------------------------------------------------------------ streams
-    def _next_message(self, sock: zmq.Socket[Any], codec: Codec, sid: int, deadline: float) -> Received | None:
+    def _next_message(self, sock: zmq.Socket[Any], codec: Codec, sid: int, deadline: float,
+                      backlog: bool = True) -> Received | None:
         """The next message of stream ``sid`` (a chunk, credit or abort) within ``deadline``; other messages
-        go to the backlog. None on timeout. Raises ``StreamCorrupted`` for a chunk failing authentication."""
+        go to the backlog (``backlog``: the task socket) or are dropped (a direct-stream socket). None on
+        timeout. Raises ``StreamCorrupted`` for a chunk failing authentication."""
         while True:
             left = deadline - time.monotonic()
             if self._stop.is_set():
@@ -246,9 +254,23 @@ class Engine:
                 if msg.sid == sid:
                     return rx
                 continue  # a stream that is over
-            self._backlog.append(rx)
+            if backlog:
+                self._backlog.append(rx)
 
-    def _receive_stream(self, sock: zmq.Socket[Any], codec: Codec, head: Any) -> list[Any]:
+    def _receive_args(self, sock: zmq.Socket[Any], codec: Codec, head: Any, spec: dict[str, Any]) -> list[Any]:
+        """A task's streamed arguments: from the controller, or straight from the client if it offered them."""
+        if OFFER not in spec:
+            return self._receive_stream(sock, codec, head)
+        direct = self._links.socket_for(spec)
+        if direct is None:
+            raise StreamAborted("the client offering the task's arguments directly is gone (or on another host)")
+        try:
+            return self._receive_stream(direct, codec, head, backlog=False)
+        except StreamError:
+            self._links.forget(direct)
+            raise
+
+    def _receive_stream(self, sock: zmq.Socket[Any], codec: Codec, head: Any, backlog: bool = True) -> list[Any]:
         """Receive a task's streamed arguments into their final memory (one bytearray per frame)."""
         sid, sizes = parse_head(head)
         timeout = self._stream.timeout
@@ -258,13 +280,13 @@ class Engine:
                 upto = rec.credit()
                 if upto is not None:
                     send_parts(sock, codec.encode(Credit(sid, upto))[0])
-                rx = self._next_message(sock, codec, sid, rec.touched + timeout)
+                rx = self._next_message(sock, codec, sid, rec.touched + timeout, backlog)
                 if rx is None:
                     raise StreamTimeout(f"no chunk of the task's arguments for {timeout:.0f}s "
                                         f"({rec.next} of {len(rec)} received)")
                 msg = rx.msg
                 if isinstance(msg, StreamAbort):
-                    raise StreamAborted(f"the controller abandoned the arguments' stream: {msg.ename}: {msg.evalue}")
+                    raise StreamAborted(f"the sender abandoned the arguments' stream: {msg.ename}: {msg.evalue}")
                 if isinstance(msg, Chunk):
                     rec.accept(msg.index, rx.frames[0], time.monotonic())
         except StreamError as exc:
@@ -273,41 +295,54 @@ class Engine:
             raise
         return rec.frames()
 
-    def _stream_result(self, sock: zmq.Socket[Any], codec: Codec, res: ResultSpec, frames: list[Any]) -> None:
-        """Send a large result as a stream, as fast as the controller grants credit."""
-        sid = next(self._sids)
+    def _stream_result(self, sock: zmq.Socket[Any], codec: Codec, res: ResultSpec, frames: list[Any],
+                       direct: zmq.Socket[Any] | None = None) -> None:
+        """Send a large result as a stream: straight to the client on ``direct`` if given (the controller is
+        then told it was ``DELIVERED``), else, or if that fails, through the controller."""
         sizes = [frame_size(f) for f in frames]
-        timeout = self._stream.timeout
-        sender = Sender(sid, sizes, memory_source(frames), time.monotonic())
-        send_parts(sock, codec.encode(Results([res._replace(nframes=0, stream=[sid, sizes])]))[0])
-        why: tuple[str, str] | None = None  # (error class, message) if the stream failed
-        try:
-            while not sender.done:
-                rx = self._next_message(sock, codec, sid, sender.touched + timeout)
-                if rx is None:
-                    why = ("StreamTimeout", f"the controller granted no credit for {timeout:.0f}s")
-                    break
-                msg = rx.msg
-                if isinstance(msg, StreamAbort):
-                    if msg.evalue.startswith("duplicate"):  # the task is finished already: nothing is lost
-                        self._holding.discard(res.task_id)
-                        return
-                    why = (msg.ename, msg.evalue)
-                    break
-                if isinstance(msg, Credit):
-                    sender.grant(msg.upto, time.monotonic())
-                    for index, data in sender.ready():
-                        send_parts(sock, codec.encode(Chunk(sid, index), [data])[0])
-        except StreamError as exc:
-            why = (type(exc).__name__, str(exc))
-        if why is not None:  # report the failure instead, so the task does not wait for ever
+        if direct is not None:
+            why = self._send_stream(direct, codec, res, frames, min(DIRECT_FIRST_WAIT, self._stream.timeout), False)
+            if why is None:
+                send_parts(sock, codec.encode(Results([res._replace(nframes=0, stream=[DELIVERED, sizes])]))[0])
+                self._holding.discard(res.task_id)
+                return
+            log.info("direct stream of task %s's result failed (%s: %s); sending it through the controller",
+                     res.task_id, *why)
+            self._links.forget(direct)
+        why = self._send_stream(sock, codec, res, frames, self._stream.timeout, True)
+        if why is not None and not why[1].startswith("duplicate"):  # report the failure, so the task does not hang
             ename, evalue = why
             log.warning("could not stream the result of task %s: %s: %s", res.task_id, ename, evalue)
             err = res._replace(ok=False, nframes=0, stream=None,
                                error=[f"fedpar.{ename}", f"the result stream failed: {ename}: {evalue}", ""])
             self._send_results(sock, codec, [err], [])
             return
-        self._holding.discard(res.task_id)
+        self._holding.discard(res.task_id)  # (a "duplicate" abort: the task is finished already, nothing is lost)
+
+    def _send_stream(self, sock: zmq.Socket[Any], codec: Codec, res: ResultSpec, frames: list[Any],
+                     first_wait: float, backlog: bool) -> tuple[str, str] | None:
+        """Send ``res``'s head then its chunks as credit arrives; (error class, message) if it fails."""
+        sid = next(self._sids)
+        sizes = [frame_size(f) for f in frames]
+        timeout = self._stream.timeout
+        sender = Sender(sid, sizes, memory_source(frames), time.monotonic())
+        send_parts(sock, codec.encode(Results([res._replace(nframes=0, stream=[sid, sizes])]))[0])
+        try:
+            while not sender.done:
+                wait = timeout if sender.upto else first_wait
+                rx = self._next_message(sock, codec, sid, sender.touched + wait, backlog)
+                if rx is None:
+                    return "StreamTimeout", f"the receiver granted no credit for {wait:.0f}s"
+                msg = rx.msg
+                if isinstance(msg, StreamAbort):
+                    return msg.ename, msg.evalue
+                if isinstance(msg, Credit):
+                    sender.grant(msg.upto, time.monotonic())
+                    for index, data in sender.ready():
+                        send_parts(sock, codec.encode(Chunk(sid, index), [data])[0])
+        except StreamError as exc:
+            return type(exc).__name__, str(exc)
+        return None
 
     def _resend_results(self, sock: zmq.Socket[Any], codec: Codec) -> None:
         """Send again the results a restarted controller asked for (those still remembered)."""

@@ -85,6 +85,11 @@ class EngineRegistry:
     def engines(self) -> list[EngineRecord]:
         return [self._records[i] for i in sorted(self._records)]
 
+    def host(self, engine_id: int) -> str | None:
+        """The host name a registered engine reported."""
+        rec = self._records.get(engine_id)
+        return None if rec is None else rec.hostname
+
     def task_identity(self, engine_id: int) -> bytes | None:
         return self._task_ident.get(engine_id)
 

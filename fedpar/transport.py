@@ -69,6 +69,20 @@ def bind_router(ctx: zmq.Context[Any], host: str = "127.0.0.1", prefer_port: int
     return sock, endpoint.decode()
 
 
+def bind_ipc_router(ctx: zmq.Context[Any], path: str) -> tuple[zmq.Socket[Any], str]:
+    """A ROUTER bound on the unix socket ``path`` (in a private directory: only its owner can connect)."""
+    sock = ctx.socket(zmq.ROUTER)
+    _tune(sock)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    endpoint = f"ipc://{path}"
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close()
+        raise TransportError(f"cannot bind {endpoint}: {exc}") from exc
+    return sock, endpoint
+
+
 def connect_dealer(ctx: zmq.Context[Any], endpoint: str, identity: bytes) -> zmq.Socket[Any]:
     """A DEALER with a fixed identity, connected to ``endpoint``."""
     sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)

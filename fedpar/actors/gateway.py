@@ -29,6 +29,7 @@ import zmq
 from fedpar.actors.journal import Journal
 from fedpar.actors.relay import Inbound, Relay
 from fedpar.codec import Codec, Received
+from fedpar.direct import OFFER, offer_of, without_offer
 from fedpar.errors import MalformedMessage, ProtocolError, SignatureError, StoreError
 from fedpar.protocol import (
     Chunk,
@@ -64,7 +65,7 @@ from fedpar.registry import EngineRegistry
 from fedpar.scheduler import Scheduler, Task
 from fedpar.store.records import FINISHED_STATES, EngineRecord, TaskRecord
 from fedpar.store.schema import STREAM_INPUT, STREAM_RESULT
-from fedpar.streams import StreamSettings, parse_head, untrusted_chunk_sid
+from fedpar.streams import DELIVERED, StreamSettings, parse_head, untrusted_chunk_sid
 from fedpar.transport import NOBLOCK, Waker, readable, recv_parts, send_parts
 
 log = logging.getLogger(__name__)
@@ -278,8 +279,16 @@ class Gateway:
                 self._watch(spec.task_id, ident)
                 accepted.append(spec.task_id)  # in flight already, or sent again after a reconnect: never twice
                 continue
+            if OFFER in spec.spec and not self._direct_ok(spec):  # the bytes must pass here: no direct stream
+                spec = spec._replace(spec=without_offer(spec.spec))
             head = spec.spec.get("stream")
-            if head is not None:  # the arguments follow as a stream: scheduled now, recorded once all stored
+            if head is not None and OFFER in spec.spec:  # arguments go straight from client to engine
+                try:
+                    parse_head(head)
+                except MalformedMessage as exc:
+                    self._rejects[(ident, rid)].append([spec.task_id, "MalformedMessage", str(exc)])
+                    continue
+            elif head is not None:  # the arguments follow as a stream: scheduled now, recorded once all stored
                 try:
                     sid, sizes = parse_head(head)
                 except MalformedMessage as exc:
@@ -299,6 +308,12 @@ class Gateway:
             self._watch(task.task_id, ident)
             accepted.append(spec.task_id)
             self.counters["submitted"] += 1
+
+    def _direct_ok(self, spec: TaskSpec) -> bool:
+        """True when the engine a task names runs on the host of the client offering a direct stream."""
+        offer = offer_of(spec.spec)
+        return (self.relay.settings.direct and offer is not None and spec.target is not None
+                and self.registry.host(spec.target) == offer[0])
 
     def _known_task(self, task_id: str, ident: bytes) -> bool:
         """For a resubmitted task: True if it exists already (watched now, or its result queued)."""
@@ -465,7 +480,10 @@ class Gateway:
             rframes = frames[pos:pos + res.nframes]
             pos += res.nframes
             if res.stream is not None:
-                self._on_result_stream(ident, res, now)
+                if isinstance(res.stream, list) and res.stream and res.stream[0] == DELIVERED:
+                    self._on_delivered(res)
+                else:
+                    self._on_result_stream(ident, res, now)
                 continue
             runtime = res.completed - res.started if res.started is not None else None
             task = self.scheduler.complete(res.task_id, res.engine, runtime)
@@ -494,6 +512,22 @@ class Gateway:
             return
         for client, fsid in heads:  # the watchers get the result as it arrives (cut-through)
             self._to_clients[client].append((res._replace(nframes=0, stream=[fsid, sizes]), []))
+
+    def _on_delivered(self, res: ResultSpec) -> None:
+        """An engine sent a large pull result straight to its client (``fedpar.direct``): finish the task,
+        recording that the value is not kept here."""
+        try:
+            _, sizes = parse_head(res.stream, delivered=True)
+        except MalformedMessage:
+            self.dropped["MalformedMessage"] += 1
+            return
+        runtime = res.completed - res.started if res.started is not None else None
+        task = self.scheduler.complete(res.task_id, res.engine, runtime) or self.recovery.take(res.task_id)
+        if task is None:
+            self.dropped["DuplicateResult"] += 1
+            return
+        self.counters["delivered_direct"] += 1
+        self._finish(task, res._replace(stream=[DELIVERED, sizes]), [])
 
     def _stream_complete(self, inb: Inbound) -> None:
         """Every chunk of an inbound stream is stored: queue its task, or finish it with its result."""
@@ -536,13 +570,17 @@ class Gateway:
                                   else "TaskAborted", f"task {task.task_id} ended before its arguments arrived: "
                                                       f"{evalue}")
             return
-        self.journal.task_finished(task, res, frames, None if res.stream is None else res.stream[1])
+        delivered = res.stream is not None and res.stream[0] == DELIVERED
+        self.journal.task_finished(task, res, frames, None if res.stream is None or delivered else res.stream[1],
+                                   delivered=delivered)
         self._finished_now[task.task_id] = (res, frames)
         self.counters["finished"] += 1
         w = self._watchers.pop(task.task_id, None)
         fed = self.relay.following(task.task_id) if res.stream is not None else ()
         for ident in (w,) if isinstance(w, bytes) else w or ():
-            if ident not in fed:  # (a follower stream has been sending it already)
+            if delivered:  # the submitter has it; any other watcher learns it is not kept
+                self._to_clients[ident].append((res, []))
+            elif ident not in fed:  # (a follower stream has been sending it already)
                 self._to_clients[ident].append(self._for_client(ident, res, frames))
 
     def _fail(self, task: Task, ename: str, evalue: str, now: float) -> None:
@@ -603,7 +641,7 @@ class Gateway:
             for task in refused:  # refused ones already assigned this pass give their slot back
                 self.scheduler.complete(task.task_id, None, None)
                 self._watchers.pop(task.task_id, None)
-                if "stream" in task.spec:  # its streamed arguments are stored already: free them, stop relaying
+                if "stream" in task.spec and OFFER not in task.spec:  # its streamed arguments are stored: free them
                     self.journal.stream_drop(STREAM_INPUT, task.task_id)
                     self.relay.abort_followers(task.task_id, f"the submission was refused: {why}")
             for (ident, rid), ids in self._acks.items():
@@ -651,7 +689,7 @@ class Gateway:
         stored = dict(zip(missing, self.journal.store.get_inputs_many(missing), strict=True)) if missing else {}
         for t in tasks:
             head = t.spec.get("stream")
-            if head is not None:  # large arguments: streamed from the store as the engine grants credit
+            if head is not None and OFFER not in t.spec:  # large arguments: streamed from the store under credit
                 sizes = head[1]
                 sid = self.relay.open_out(self.engine_sock, ident, STREAM_INPUT, t.task_id, sizes, now, patient=True,
                                           follow=self.relay.input_of(t.task_id))

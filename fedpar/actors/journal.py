@@ -21,6 +21,7 @@ from fedpar.scheduler import Task
 from fedpar.store.lmdb_store import LmdbStore
 from fedpar.store.records import ASSIGNED, DONE, FAILED, QUEUED, RUNNING, EngineRecord, ResultRecord
 from fedpar.store.schema import STREAM_INPUT
+from fedpar.streams import not_kept
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +106,17 @@ class Journal:
         self._rows[task.task_id] = task_row(task, QUEUED)
 
     def task_finished(self, task: Task, res: ResultSpec, frames: Sequence[Any],
-                      streamed: Sequence[int] | None = None) -> None:
-        """A task's outcome; ``streamed`` (frame sizes): its payload was written chunk by chunk already.
+                      streamed: Sequence[int] | None = None, *, delivered: bool = False) -> None:
+        """A task's outcome; ``streamed`` (frame sizes): its payload was written chunk by chunk already;
+        ``delivered``: it went straight to its client and is not kept (the record says so to anyone asking).
         Not stored for a task whose arguments never arrived whole (its submission is refused instead)."""
         if task.task_id in self.unrecorded:
             return
-        rec = ResultRecord(
-            res.task_id, res.ok, res.engine, res.started, res.completed,
-            (res.error[0], res.error[1], res.error[2]) if res.error is not None else None,
-        )  # frame_sizes: the store records the sizes of the frames it writes
+        error = (res.error[0], res.error[1], res.error[2]) if res.error is not None else None
+        if delivered:
+            error = ("fedpar.ResultNotFound", not_kept(res.task_id), "")
+        rec = ResultRecord(res.task_id, res.ok and not delivered, res.engine, res.started, res.completed, error)
+        # frame_sizes: the store records the sizes of the frames it writes
         self._results.put_result(rec, frames, streamed=streamed)
         self._rows[task.task_id] = task_row(task, DONE if res.ok else FAILED, res.completed)
 

@@ -125,7 +125,7 @@ def run_controller(
         journal=Journal(store), registry=registry, scheduler=Scheduler(config.engines.prefetch),
         heartbeat=config.controller.heartbeat, batch=config.controller.batch,
         stream=StreamSettings(config.stream.threshold, max(1, config.stream.window // CHUNK_BYTES),
-                              config.stream.timeout),
+                              config.stream.timeout, config.stream.direct),
     )
     drop_partial_streams(store)
     timeout = config.controller.heartbeat * config.controller.heartbeat_misses

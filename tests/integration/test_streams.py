@@ -1,7 +1,9 @@
 """Large payloads as chunk streams, end to end: real controller and engine processes on loopback.
 
 The module's cluster uses a 1 MiB stream threshold and a 3 s stream timeout, so streams are cheap to
-provoke and abandoned streams are freed quickly. Exact stream counts are predicted from the payload
+provoke and abandoned streams are freed quickly, and ``[stream] direct = false``: every payload crosses the
+controller's relay, which is what these tests check (direct streams between a client and an engine on one
+host are tested in ``test_direct_streams.py``). Exact stream counts are predicted from the payload
 frames the client and the engine build (``_apply_frames``, ``payload.dumps``, ``payload.dumps_result``)
 and checked against the controller's counters (``streams_in``/``streams_out`` count streams opened).
 
@@ -29,6 +31,7 @@ import numpy as np
 import pytest
 import zmq
 from procutil import assert_no_procs, read_json_line
+from streamutil import RawClient, aborted, accepted, assert_same, rejected, stats, wait_until
 
 import fedpar
 from fedpar.codec import Codec, Received
@@ -44,14 +47,12 @@ from fedpar.protocol import (
     Results,
     ResultSpec,
     StreamAbort,
-    Submit,
     SubmitReply,
-    TaskSpec,
     Welcome,
 )
 from fedpar.runtime import ConnectionInfo
 from fedpar.streams import Sender, frame_size, memory_source, should_stream
-from fedpar.transport import connect_dealer, send_parts
+from fedpar.transport import send_parts
 from fedpar.views import _apply_frames
 
 # engines cannot import this test module: ship its functions by value
@@ -109,24 +110,6 @@ def throttled_ones(nbytes, delay):
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def stats(client: fedpar.Client) -> dict[str, Any]:
-    st = client.status()
-    st.pop("engines")
-    return st
-
-
-def wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
-    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def idle_stats(client: fedpar.Client, timeout: float = 5.0) -> dict[str, Any]:
     """Status once the controller has no stream open (fails if one stays open)."""
     last: dict[str, Any] = {}
@@ -151,23 +134,6 @@ def streamed(frames: list[Any]) -> int:
 
 def nbytes(frames: list[Any]) -> int:
     return sum(frame_size(f) for f in frames)
-
-
-def assert_same(got: Any, want: Any) -> None:
-    """Equal value, type, dtype, shape and memory order; arrays are writable (an in-place write works)."""
-    assert type(got) is type(want), (type(got), type(want))
-    if isinstance(want, np.ndarray):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        assert got.flags.f_contiguous == want.flags.f_contiguous or got.ndim < 2
-        assert np.array_equal(got, want)
-        assert got.flags.writeable, "a result array is read-only"
-        np.copyto(got, want)  # an in-place write: raises ValueError on read-only memory
-    elif isinstance(want, tuple):
-        assert len(got) == len(want)
-        for g, w in zip(got, want, strict=True):
-            assert_same(g, w)
-    else:
-        assert got == want
 
 
 def blocks_equal(a: np.ndarray, b: np.ndarray, block: int = 64 * MiB) -> bool:
@@ -220,7 +186,7 @@ def _start_cluster(config: Config, log_dir: Path) -> Iterator[fedpar.Cluster]:
 @pytest.fixture(scope="module")
 def scluster(fedpar_env: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[fedpar.Cluster]:
     """Two engines; streams above 1 MiB, abandoned after 3 s without progress."""
-    config = Config(stream=StreamConfig(threshold=THRESHOLD, timeout=TIMEOUT))
+    config = Config(stream=StreamConfig(threshold=THRESHOLD, timeout=TIMEOUT, direct=False))
     yield from _start_cluster(config, tmp_path_factory.mktemp("stream-logs"))
 
 
@@ -237,7 +203,7 @@ def sclient(scluster: fedpar.Cluster) -> Iterator[fedpar.Client]:
 @pytest.fixture
 def fast_loss_cluster(fedpar_env: Path, tmp_path: Path) -> Iterator[fedpar.Cluster]:
     """A cluster of its own (its engines get killed) that declares a silent engine lost after ~1.5 s."""
-    config = Config(stream=StreamConfig(threshold=THRESHOLD, timeout=TIMEOUT),
+    config = Config(stream=StreamConfig(threshold=THRESHOLD, timeout=TIMEOUT, direct=False),
                     controller=ControllerConfig(heartbeat=0.5, heartbeat_misses=3))
     yield from _start_cluster(config, tmp_path / "logs")
 
@@ -770,75 +736,6 @@ def test_engine_killed_mid_arguments_stream(fast_loss_cluster: fedpar.Cluster, r
 
 
 # ------------------------------------------------------------------------------------------ raw protocol
-
-
-class RawClient:
-    """A hand-driven client on a DEALER socket: every message it receives is decoded and kept in ``seen``."""
-
-    def __init__(self, ctx: zmq.Context[Any], info: ConnectionInfo, tag: str):
-        self.sender = f"client:raw-{tag}-{os.getpid()}-{next(_counter)}"
-        self.sock = connect_dealer(ctx, info.client_endpoint, self.sender.encode())
-        self.codec = Codec(info.key, self.sender)
-        self.seen: list[Received] = []
-
-    def send(self, msg: Message, frames: list[Any] | None = None) -> int:
-        parts, rid = self.codec.encode(msg, frames or [])
-        send_parts(self.sock, parts)
-        return rid
-
-    def poll(self, timeout: float) -> Received | None:
-        if not self.sock.poll(int(timeout * 1000)):
-            return None
-        rx = self.codec.decode(self.sock.recv_multipart())
-        self.seen.append(rx)
-        return rx
-
-    def expect(self, what: str, match: Callable[[Message], bool], timeout: float = 10.0) -> Message:
-        for rx in self.seen:
-            if match(rx.msg):
-                return rx.msg
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            rx = self.poll(max(0.0, deadline - time.monotonic()))
-            if rx is not None and match(rx.msg):
-                return rx.msg
-        pytest.fail(f"no {what} from the controller within {timeout}s; got {[r.msg for r in self.seen]}")
-
-    def hello(self) -> Welcome:
-        rid = self.send(ClientHello(self.sender))
-        msg = self.expect("Welcome", lambda m: isinstance(m, Welcome) and m.reply_to == rid)
-        assert isinstance(msg, Welcome)
-        return msg
-
-    def announce(self, tid: str, target: int, sid: int, frames: list[Any]) -> Sender:
-        """Submit a streamed push of ``frames``; returns the Sender (chunks follow as credit arrives)."""
-        sizes = [frame_size(f) for f in frames]
-        self.send(Submit([TaskSpec(tid, "push", target, 0, 0, {"stream": [sid, sizes]})]))
-        return Sender(sid, sizes, memory_source(frames), time.monotonic())
-
-    def credit(self, sid: int, timeout: float = 10.0) -> int:
-        msg = self.expect(f"Credit for stream {sid}", lambda m: isinstance(m, Credit) and m.sid == sid, timeout)
-        assert isinstance(msg, Credit)
-        self.seen = [r for r in self.seen if r.msg is not msg]
-        return msg.upto
-
-    def chunk_parts(self, sid: int, index: int, data: Any) -> list[Any]:
-        return self.codec.encode(Chunk(sid, index), [data])[0]
-
-    def close(self) -> None:
-        self.sock.close(0)
-
-
-def rejected(tid: str) -> Callable[[Message], bool]:
-    return lambda m: isinstance(m, SubmitReply) and any(r[0] == tid for r in m.rejected)
-
-
-def accepted(tid: str) -> Callable[[Message], bool]:
-    return lambda m: isinstance(m, SubmitReply) and tid in m.accepted
-
-
-def aborted(sid: int) -> Callable[[Message], bool]:
-    return lambda m: isinstance(m, StreamAbort) and m.sid == sid
 
 
 @pytest.fixture

@@ -54,10 +54,10 @@ def chunk_count(size: int) -> int:
 
 def test_settings_defaults_and_wire_round_trip() -> None:
     d = StreamSettings()
-    assert (d.threshold, d.window, d.timeout) == (4 * MiB, 8, 30.0)
-    s = StreamSettings(threshold=123, window=3, timeout=2.5)
+    assert (d.threshold, d.window, d.timeout, d.direct) == (4 * MiB, 8, 30.0, True)
+    s = StreamSettings(threshold=123, window=3, timeout=2.5, direct=False)
     wire = s.to_wire()
-    assert wire == {"threshold": 123, "window": 3, "timeout": 2.5}
+    assert wire == {"threshold": 123, "window": 3, "timeout": 2.5, "direct": False}
     assert StreamSettings.from_wire(wire) == s
     assert StreamSettings.from_wire(msgpack.unpackb(msgpack.packb(wire), raw=False)) == s
 
@@ -74,7 +74,7 @@ def test_settings_missing_fields_keep_defaults() -> None:
         ("threshold", -1), ("threshold", "4MiB"), ("threshold", None), ("threshold", 1.5), ("threshold", [1]),
         ("window", 0), ("window", -3), ("window", "8"), ("window", 2.0), ("window", None),
         ("timeout", 0), ("timeout", 0.0), ("timeout", -1.0), ("timeout", "30"), ("timeout", None),
-        ("timeout", float("nan")),
+        ("timeout", float("nan")), ("direct", 1), ("direct", "false"), ("direct", None),
     ],
 )
 def test_settings_bad_fields_keep_defaults(field: str, value: object) -> None:
