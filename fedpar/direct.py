@@ -252,11 +252,13 @@ class EngineLinks:
             return None
         endpoint = offer[1]
         sock = self._socks.get(endpoint)
+        if not os.path.exists(endpoint[len("ipc://"):]):  # that client closed: do not wait for it
+            if sock is not None:
+                self.forget(sock)
+            return None
         if sock is not None:
             self._socks.move_to_end(endpoint)
             return sock
-        if not os.path.exists(endpoint[len("ipc://"):]):
-            return None
         sock = connect_dealer(self._ctx, endpoint, self._identity)
         self._socks[endpoint] = sock
         while len(self._socks) > MAX_LINKS:

@@ -223,6 +223,18 @@ def test_engine_links(ctx: zmq.Context[Any], link: ClientLink) -> None:
         links.close()
 
 
+def test_engine_links_drop_a_closed_client(ctx: zmq.Context[Any]) -> None:
+    """Once a client has closed (its socket file is gone) the engine stops using the cached connection."""
+    lk = ClientLink(ctx, Codec(KEY, "client:unit3"), SETTINGS)
+    links = EngineLinks(ctx, b"d:unit")
+    try:
+        assert links.socket_for({OFFER: lk.offer}) is not None
+        lk.close()
+        assert links.socket_for({OFFER: lk.offer}) is None
+    finally:
+        links.close()
+
+
 def test_close_removes_the_socket(ctx: zmq.Context[Any]) -> None:
     lk = ClientLink(ctx, Codec(KEY, "client:unit2"), SETTINGS)
     path = lk.endpoint.removeprefix("ipc://")
