@@ -129,7 +129,14 @@ class Message:
     KIND: ClassVar[str] = ""
 
     def to_wire(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        cls = type(self)
+        names = _FIELD_NAMES.get(cls)
+        if names is None:  # (dataclasses.fields() costs more than the rest of this per message)
+            names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+        return {n: getattr(self, n) for n in names}
+
+
+_FIELD_NAMES: dict[type[Message], tuple[str, ...]] = {}
 
 
 # client <-> controller ------------------------------------------------------

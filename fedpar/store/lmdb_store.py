@@ -39,18 +39,29 @@ def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, strict_map_key=False)
 
 
+_local = threading.local()
+
+
+def _pack(obj: Any) -> bytes:
+    """msgpack with this thread's ``Packer``: a new ``Packer`` allocates a fresh buffer (256 KiB), which in a
+    busy controller cost a fresh mapping and its page faults for every batch (several per pass)."""
+    pack: Callable[[Any], bytes] | None = getattr(_local, "pack", None)
+    if pack is None:
+        pack = _local.pack = msgpack.Packer().pack
+    return pack(obj)
+
+
 class WriteBatch:
     """Operations to apply in one transaction. Only records them; :meth:`LmdbStore.commit` applies them.
 
     Payload buffers are referenced, not copied: do not mutate them until the batch is committed.
     """
 
-    __slots__ = ("_ops", "_pack", "_store")
+    __slots__ = ("_ops", "_store")
 
     def __init__(self, store: LmdbStore):
         self._store = store
         self._ops: list[tuple[Any, ...]] = []
-        self._pack: Callable[[Any], bytes] = msgpack.Packer().pack  # one packer per batch (and thread)
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -68,7 +79,7 @@ class WriteBatch:
         Keeps ``open_idx`` in step: a task is in it exactly while its state is unfinished.
         """
         key = S.task_key(task_id)
-        self._ops.append((_PUT, self._store._tasks, key, self._pack(row)))
+        self._ops.append((_PUT, self._store._tasks, key, _pack(row)))
         if row[4] in UNFINISHED_STATES:
             self._ops.append((_PUT, self._store._open, key, b""))
         else:
@@ -101,7 +112,7 @@ class WriteBatch:
         row = rec.to_row()
         row[6] = list(streamed) if streamed is not None else [len(b) for b in bufs]
         ckey = S.completed_key(rec.completed, key)
-        self._ops.append((_PUT_RESULT, key, self._pack(row), ckey, bool(rec.ok), bufs, streamed is not None))
+        self._ops.append((_PUT_RESULT, key, _pack(row), ckey, bool(rec.ok), bufs, streamed is not None))
 
     # -- streamed payloads: written chunk by chunk, over several transactions -----------------------
     def begin_stream(self, kind: bytes, task_id: str) -> None:
@@ -127,7 +138,7 @@ class WriteBatch:
     def put_engine(self, rec: EngineRecord) -> None:
         """Store (or replace) an engine record."""
         key = S.engine_key(rec.engine_id)
-        self._ops.append((_PUT, self._store._engines, key, self._pack(rec.to_row())))
+        self._ops.append((_PUT, self._store._engines, key, _pack(rec.to_row())))
 
     def put_mark(self, sender: str, seq: int) -> None:
         """Set the replay high-water mark of ``sender``."""
