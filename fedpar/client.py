@@ -5,9 +5,10 @@ coalesces queued task submissions into one ``Submit`` batch, signs, sends, and h
 waiting ``AsyncResult`` objects. Large payloads go out and come in as chunk streams (``fedpar.streams``),
 also driven by the I/O thread.
 
-(Over the 500-line soft cap, about 680 lines: ``Client`` is the public API and carries its docstrings; the
-stream bookkeeping that needs its own logic lives in ``streams``; what remains here is the I/O thread's
-half of it, which shares the thread's socket, codec and resync state and cannot move without them.)
+(Over the 500-line soft cap, about 730 lines: ``Client`` is the public API and carries its docstrings; the
+stream bookkeeping that needs its own logic lives in ``streams`` and ``direct``; what remains here is the
+I/O thread's half of it, which shares the thread's socket, codec and resync state and cannot move without
+them.)
 """
 
 from __future__ import annotations
@@ -69,13 +70,11 @@ from fedpar.results import AsyncResult, as_list, first
 from fedpar.runtime import ConnectionInfo, read_connection_file
 from fedpar.store.records import TaskRecord
 from fedpar.streams import (
-    DELIVERED,
     Receiver,
     Sender,
     StreamSettings,
     frame_size,
     memory_source,
-    not_kept,
     parse_head,
     should_stream,
     untrusted_chunk_sid,
@@ -235,8 +234,8 @@ class _IOThread(threading.Thread):
             expected = self.expected
             results = msg.results
             frames = rx.frames
-            if self.link is not None:
-                results = self._direct_outcomes(results)
+            if self.link is not None:  # outcomes end direct uploads/downloads; DELIVERED notices are handled
+                results = self.link.outcomes(results)
             if any(r.stream is not None for r in results):  # large results follow as streams
                 results, frames = self._open_downloads(results, frames)
             for r in results:
@@ -313,25 +312,6 @@ class _IOThread(threading.Thread):
                 link.drop_upload(res.task_id)
                 self.client._on_results([res], frames, [])
 
-    def _direct_outcomes(self, results: list[ResultSpec]) -> list[ResultSpec]:
-        """Outcomes from the controller, seen by the direct side: an outcome ends the task's direct upload
-        (and a direct download still running: the controller's word is final, e.g. the engine died); a
-        ``DELIVERED`` notice is dropped while the result is arriving here, else it says it is not kept."""
-        link = self.link
-        assert link is not None
-        out: list[ResultSpec] = []
-        for r in results:
-            link.drop_upload(r.task_id)
-            delivered = isinstance(r.stream, list) and len(r.stream) == 2 and r.stream[0] == DELIVERED
-            if link.downloading(r.task_id):
-                if delivered:
-                    continue
-                link.drop_download(r.task_id, "the controller reported the task's outcome")
-            if delivered:
-                r = r._replace(ok=False, nframes=0, stream=None,
-                               error=["fedpar.ResultNotFound", not_kept(r.task_id), ""])
-            out.append(r)
-        return out
 
     def _pump(self, sender: Sender, upto: int) -> None:
         sender.grant(upto, time.monotonic())

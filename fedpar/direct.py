@@ -43,7 +43,16 @@ import zmq
 from fedpar.codec import Codec
 from fedpar.errors import ProtocolError, StreamCorrupted
 from fedpar.protocol import Chunk, Credit, Message, Results, ResultSpec, StreamAbort
-from fedpar.streams import Receiver, Sender, StreamSettings, memory_source, parse_head, untrusted_chunk_sid
+from fedpar.streams import (
+    DELIVERED,
+    Receiver,
+    Sender,
+    StreamSettings,
+    memory_source,
+    not_kept,
+    parse_head,
+    untrusted_chunk_sid,
+)
 from fedpar.transport import bind_ipc_router, connect_dealer, send_parts
 
 log = logging.getLogger(__name__)
@@ -124,6 +133,24 @@ class ClientLink:
         if got is not None:
             self._downloading.pop(got[0].task_id, None)
         self._send(key[0], StreamAbort(key[1], ename, evalue))
+
+    def outcomes(self, results: list[ResultSpec]) -> list[ResultSpec]:
+        """Outcomes from the controller, seen by the direct side: an outcome ends the task's direct upload
+        (and a direct download still running: the controller's word is final, e.g. the engine died); a
+        ``DELIVERED`` notice is dropped while the result is arriving here, else it says it is not kept."""
+        out: list[ResultSpec] = []
+        for r in results:
+            self.drop_upload(r.task_id)
+            delivered = isinstance(r.stream, list) and len(r.stream) == 2 and r.stream[0] == DELIVERED
+            if self.downloading(r.task_id):
+                if delivered:
+                    continue
+                self.drop_download(r.task_id, "the controller reported the task's outcome")
+            if delivered:
+                r = r._replace(ok=False, nframes=0, stream=None,
+                               error=["fedpar.ResultNotFound", not_kept(r.task_id), ""])
+            out.append(r)
+        return out
 
     # ------------------------------------------------------------------ messages
     @property

@@ -16,7 +16,7 @@ import zmq
 from fedpar.codec import Codec
 from fedpar.direct import OFFER, ClientLink, EngineLinks, offer_of, wants_direct, without_offer
 from fedpar.protocol import CHUNK_BYTES, Chunk, Credit, Results, ResultSpec, StreamAbort
-from fedpar.streams import StreamSettings, layout, memory_source
+from fedpar.streams import DELIVERED, StreamSettings, layout, memory_source
 from fedpar.transport import connect_dealer, send_parts
 
 KEY = b"k" * 32
@@ -56,12 +56,13 @@ class FakeEngine:
     def pump(self, wants: Any = lambda tid: True) -> list[tuple[ResultSpec, list[Any]]]:
         """Let the link handle everything that arrived from this engine."""
         out: list[tuple[ResultSpec, list[Any]]] = []
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline and self.link.sock.poll(50):
+        wait = 5000  # the first message may take a while on a busy host (a fresh connection); then drain
+        while self.link.sock.poll(wait):
             out += self.link.on_message(self.link.sock.recv_multipart(), wants, time.monotonic())
+            wait = 100
         return out
 
-    def recv(self, timeout: float = 2.0) -> Any:
+    def recv(self, timeout: float = 5.0) -> Any:
         assert self.sock.poll(int(timeout * 1000)), "nothing from the client"
         return self.codec.decode(self.sock.recv_multipart()).msg
 
@@ -240,3 +241,28 @@ def test_close_removes_the_socket(ctx: zmq.Context[Any]) -> None:
     path = lk.endpoint.removeprefix("ipc://")
     lk.close()
     assert not os.path.exists(os.path.dirname(path))
+
+
+def test_controller_outcomes_seen_by_the_link(ctx: zmq.Context[Any], link: ClientLink) -> None:
+    """What the client makes of the controller's outcomes: a DELIVERED notice is dropped while the result is
+    still arriving directly, else it becomes ResultNotFound (not kept); any outcome ends the task's direct
+    upload, and a real outcome (e.g. the engine died) stops a direct download."""
+    eng = FakeEngine(ctx, link)
+    eng.send(_head("arriving", 2, [2 * CHUNK_BYTES]))
+    eng.pump()
+    eng.recv()
+    link.keep_upload("uploaded", 9, [10], [b"0123456789"])
+    delivered = ResultSpec("arriving", True, 0, 1.0, 2.0, None, 0, [DELIVERED, [2 * CHUNK_BYTES]])
+    elsewhere = ResultSpec("elsewhere", True, 0, 1.0, 2.0, None, 0, [DELIVERED, [5]])
+    done = ResultSpec("uploaded", True, 0, 1.0, 2.0, None, 0)
+    out = link.outcomes([delivered, elsewhere, done])
+    assert [r.task_id for r in out] == ["elsewhere", "uploaded"]
+    assert out[0].ok is False and out[0].stream is None and out[0].error is not None
+    assert out[0].error[0] == "fedpar.ResultNotFound" and "not kept" in out[0].error[1]
+    assert out[1] == done
+    assert link.downloading("arriving") and not link.uploading("uploaded")
+    lost = ResultSpec("arriving", False, 0, 1.0, 2.0, ["fedpar.EngineError", "engine 0 died", ""], 0)
+    assert link.outcomes([lost]) == [lost]
+    assert not link.downloading("arriving")
+    msg = eng.recv()
+    assert isinstance(msg, StreamAbort) and msg.sid == 2
