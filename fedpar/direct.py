@@ -263,13 +263,18 @@ class ClientLink:
 
 
 class EngineLinks:
-    """The engine's ends of direct streams: one DEALER per client endpoint it was offered (same host only)."""
+    """The engine's ends of direct streams: one DEALER per client endpoint it was offered (same host only).
+
+    Each DEALER has a zmq monitor, so a client that dies mid-stream (its connection drops) is noticed at once
+    (``gone``) instead of after the stream timeout.
+    """
 
     def __init__(self, ctx: zmq.Context[Any], identity: bytes):
         self._ctx = ctx
         self._identity = identity
         self._host = socket.gethostname()
         self._socks: OrderedDict[str, zmq.Socket[Any]] = OrderedDict()
+        self._monitors: dict[zmq.Socket[Any], zmq.Socket[Any]] = {}
 
     def socket_for(self, spec: dict[str, Any]) -> zmq.Socket[Any] | None:
         """The connection to the client offering a direct stream in ``spec``; None if there is no usable offer
@@ -287,19 +292,32 @@ class EngineLinks:
             self._socks.move_to_end(endpoint)
             return sock
         sock = connect_dealer(self._ctx, endpoint, self._identity)
+        self._monitors[sock] = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._socks[endpoint] = sock
         while len(self._socks) > MAX_LINKS:
-            self._socks.popitem(last=False)[1].close(0)
+            self._close(self._socks.popitem(last=False)[1])
         return sock
+
+    def gone(self, sock: zmq.Socket[Any]) -> bool:
+        """True once the client at the other end of ``sock`` dropped its connection (it died or closed)."""
+        mon = self._monitors.get(sock)
+        return mon is not None and bool(mon.poll(0))
 
     def forget(self, sock: zmq.Socket[Any]) -> None:
         """Close a connection whose client failed a stream (a later offer connects afresh)."""
         for endpoint, s in list(self._socks.items()):
             if s is sock:
                 del self._socks[endpoint]
+        self._close(sock)
+
+    def _close(self, sock: zmq.Socket[Any]) -> None:
+        mon = self._monitors.pop(sock, None)
+        if mon is not None:
+            sock.disable_monitor()
+            mon.close(0)
         sock.close(0)
 
     def close(self) -> None:
-        for sock in self._socks.values():
-            sock.close(0)
+        for sock in list(self._socks.values()):
+            self._close(sock)
         self._socks.clear()

@@ -240,6 +240,8 @@ class Engine:
             if left <= 0 or not sock.poll(int(min(left, 0.2) * 1000) + 1):
                 if left <= 0:
                     return None
+                if not backlog and self._links.gone(sock):
+                    raise StreamAborted("the client's direct-stream connection closed (it died or closed)")
                 continue
             parts = recv_parts(sock)
             try:

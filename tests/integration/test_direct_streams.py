@@ -30,7 +30,7 @@ import fedpar
 from fedpar.codec import Codec, Received
 from fedpar.config import Config, ControllerConfig, StreamConfig
 from fedpar.direct import OFFER
-from fedpar.errors import EngineError, ResultNotFound, StreamCorrupted, StreamTimeout
+from fedpar.errors import EngineError, ResultNotFound, StreamAborted, StreamCorrupted, StreamTimeout
 from fedpar.payload import dumps, dumps_result
 from fedpar.protocol import Chunk, Credit, Results, StreamAbort, Submit, TaskSpec
 from fedpar.streams import layout, memory_source, should_stream
@@ -131,7 +131,7 @@ class RawLink:
         send_parts(self.sock, [ident, *parts])
 
     def close(self) -> None:
-        self.sock.close(0)
+        self.sock.close(0)  # (closing twice is harmless)
         for name in os.listdir(self.dir):
             os.unlink(os.path.join(self.dir, name))
         os.rmdir(self.dir)
@@ -332,6 +332,29 @@ def test_silent_client_times_out_and_the_engine_serves_on(raw_pair, dclient) -> 
     a = np.ones(2 * MiB // 8)
     dclient[target].push({"after_silence": a}, block=True)
     assert_same(dclient[target].pull("after_silence", block=True), a)
+
+
+def test_vanished_client_is_noticed_at_once(raw_pair, dclient) -> None:
+    """A client that offers its arguments, sends one chunk and then goes away (its connection drops, as when it
+    is killed): the engine notices at once, not after the 3 s stream timeout; the task fails with
+    StreamAborted and the engine serves on."""
+    r, link = raw_pair("vanish")
+    target = r.hello().engines[1]
+    frames = dumps({"vanished": np.zeros(3 * MiB // 8)})
+    tid, sid = f"raw-vanish-{next(_counter)}", 4
+    _push_spec(r, link, target, tid, sid, frames)
+    ident, rx = link.recv()
+    assert isinstance(rx.msg, Credit)
+    chunks = layout([len(memoryview(f).cast("B")) for f in frames])
+    link.send(ident, Chunk(sid, 0), [memory_source(frames)(*chunks[0])])
+    t0 = time.monotonic()
+    link.sock.close(0)
+    with pytest.raises(StreamAborted, match="connection closed"):
+        dclient.get_result(tid, block=True, timeout=30)
+    assert time.monotonic() - t0 < TIMEOUT - 1
+    a = np.ones(2 * MiB // 8)
+    dclient[target].push({"after_vanish": a}, block=True)
+    assert_same(dclient[target].pull("after_vanish", block=True), a)
 
 
 def test_refused_direct_result_comes_through_the_controller(raw_pair, dclient) -> None:
