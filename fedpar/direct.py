@@ -16,10 +16,11 @@ the bytes skip it:
   it with the offer and the client's stream head.
 * The engine, when it reaches the task, connects a DEALER to the offered endpoint and runs the ordinary
   stream protocol (``fedpar.streams``) over it: it grants credit, the client sends chunks. A large pull
-  result goes the other way: head and chunks to the client; then the engine tells the controller the result
-  was ``DELIVERED`` (the controller records that the value is not kept: ``get_result`` from elsewhere gets
-  ``ResultNotFound`` saying so). If the direct stream fails (the client vanished, a chunk failed its MAC),
-  the engine sends the result through the controller instead: nothing is lost.
+  result goes the other way: head and chunks to the client, which acknowledges the whole (a last ``Credit``
+  after the last chunk); then the engine tells the controller the result was ``DELIVERED`` (the controller
+  records that the value is not kept: ``get_result`` from elsewhere gets ``ResultNotFound`` saying so). If the
+  direct stream fails (the client vanished, a chunk failed its MAC, no acknowledgement), the engine sends the
+  result through the controller instead: nothing is lost.
 * The client keeps a direct upload until the task's outcome arrives, so a controller restart that
   re-dispatches the task finds the arguments still on offer.
 
@@ -233,6 +234,7 @@ class ClientLink:
         if rec.done:
             del self._receivers[key]
             self._downloading.pop(res.task_id, None)
+            self._send(ident, Credit(msg.sid, len(rec)))  # the acknowledgement: every chunk arrived and verified
             frames = rec.frames()
             return [(res._replace(nframes=len(frames), stream=None), frames)]
         upto = rec.credit()

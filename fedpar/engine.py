@@ -301,10 +301,11 @@ class Engine:
                        direct: zmq.Socket[Any] | None = None) -> None:
         """Send a large result as a stream: straight to the client on ``direct`` if given (the controller is
         then told it was ``DELIVERED``), else, or if that fails, through the controller."""
-        sizes = [frame_size(f) for f in frames]
         if direct is not None:
-            why = self._send_stream(direct, codec, res, frames, min(DIRECT_FIRST_WAIT, self._stream.timeout), False)
+            why = self._send_stream(direct, codec, res, frames, min(DIRECT_FIRST_WAIT, self._stream.timeout), False,
+                                    acknowledged=True)
             if why is None:
+                sizes = [frame_size(f) for f in frames]
                 send_parts(sock, codec.encode(Results([res._replace(nframes=0, stream=[DELIVERED, sizes])]))[0])
                 self._holding.discard(res.task_id)
                 return
@@ -322,8 +323,11 @@ class Engine:
         self._holding.discard(res.task_id)  # (a "duplicate" abort: the task is finished already, nothing is lost)
 
     def _send_stream(self, sock: zmq.Socket[Any], codec: Codec, res: ResultSpec, frames: list[Any],
-                     first_wait: float, backlog: bool) -> tuple[str, str] | None:
-        """Send ``res``'s head then its chunks as credit arrives; (error class, message) if it fails."""
+                     first_wait: float, backlog: bool, acknowledged: bool = False) -> tuple[str, str] | None:
+        """Send ``res``'s head then its chunks as credit arrives; (error class, message) if it fails.
+
+        ``acknowledged`` (a direct stream): done only when the receiver confirms it took every chunk (a
+        ``Credit`` covering the whole stream, arriving after the last chunk was sent)."""
         sid = next(self._sids)
         sizes = [frame_size(f) for f in frames]
         timeout = self._stream.timeout
@@ -342,6 +346,14 @@ class Engine:
                     sender.grant(msg.upto, time.monotonic())
                     for index, data in sender.ready():
                         send_parts(sock, codec.encode(Chunk(sid, index), [data])[0])
+            while acknowledged:
+                rx = self._next_message(sock, codec, sid, time.monotonic() + first_wait, backlog)
+                if rx is None:
+                    return "StreamTimeout", f"the receiver did not acknowledge the stream within {first_wait:.0f}s"
+                if isinstance(rx.msg, StreamAbort):
+                    return rx.msg.ename, rx.msg.evalue
+                if isinstance(rx.msg, Credit) and rx.msg.upto >= len(sender):
+                    break
         except StreamError as exc:
             return type(exc).__name__, str(exc)
         return None

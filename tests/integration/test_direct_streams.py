@@ -378,6 +378,35 @@ def test_refused_direct_result_comes_through_the_controller(raw_pair, dclient) -
     dclient[target].execute("del refused", block=True)
 
 
+def test_unacknowledged_direct_result_comes_through_the_controller(raw_pair, dclient) -> None:
+    """A client that takes every chunk of a direct result but then turns it away instead of acknowledging it
+    (as if the last chunk had failed its check): the engine does not report it delivered, it sends the result
+    through the controller, which stores it."""
+    r, link = raw_pair("noack")
+    target = r.hello().engines[0]
+    a = np.arange(2 * MiB // 8 + 3, dtype=np.float64)
+    dclient[target].push({"noack": a}, block=True)
+    before = stats(dclient)
+    tid = f"raw-noack-{next(_counter)}"
+    r.send(Submit([TaskSpec(tid, "pull", target, 0, 0, {"names": "noack", OFFER: link.offer})]))
+    ident, rx = link.recv()
+    assert isinstance(rx.msg, Results)
+    sid, sizes = rx.msg.results[0].stream
+    n = len(layout(sizes))
+    link.send(ident, Credit(sid, n))
+    got = 0
+    while got < n:
+        _, rx = link.recv()
+        assert isinstance(rx.msg, Chunk) and rx.msg.index == got
+        got += 1
+    link.send(ident, StreamAbort(sid, "StreamCorrupted", "the last chunk failed its check"))
+    assert_same(dclient.get_result(tid, block=True, timeout=30), a)
+    after = stats(dclient)
+    assert delivered(before, after) == 0
+    assert relay_moved(before, after)["streams_in"] == 1
+    dclient[target].execute("del noack", block=True)
+
+
 def test_offer_from_another_host_is_ignored(raw_pair, dclient) -> None:
     """An offer naming another host is stripped by the controller: the controller grants credit itself and
     the arguments come through its relay."""

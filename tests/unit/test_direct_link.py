@@ -146,6 +146,8 @@ def test_download_into_final_memory(ctx: zmq.Context[Any], link: ClientLink) -> 
     assert res.task_id == "t2" and res.stream is None and res.nframes == 1
     assert bytes(frames[0]) == data
     assert not link.downloading("t2") and not link.busy
+    ack = eng.recv()  # the acknowledgement the engine waits for before reporting the result DELIVERED
+    assert isinstance(ack, Credit) and ack.sid == 4 and ack.upto == 3
 
 
 def test_unwanted_result_is_refused(ctx: zmq.Context[Any], link: ClientLink) -> None:
