@@ -4,6 +4,10 @@ The main thread owns the task socket and executes tasks straight from it (no thr
 task). While a batch of short tasks keeps arriving, results are sent back in batches too. The side
 thread owns a second socket for heartbeats and control, so ``EngineStop`` and liveness stay
 responsive while user code runs.
+
+(About 520 lines, just over the soft cap: the stream loops here run inline on the main thread between tasks,
+over the task socket or a direct-stream socket, and share its codec, backlog and stop flag; their pure
+bookkeeping is in ``streams`` and the direct-stream connections in ``direct``.)
 """
 
 from __future__ import annotations
