@@ -413,7 +413,8 @@ class Gateway:
              "load": self.scheduler.engine_load(e.engine_id)}
             for e in self.registry.engines()
         ]
-        stats: dict[str, Any] = {"dropped": dict(self.dropped), **self.counters, **self.relay.stats(),
+        stats: dict[str, Any] = {"dropped": dict(self.dropped), "submitted": 0, "finished": 0, "delivered_direct": 0,
+                                 **self.counters, **self.relay.stats(),
                                  "unstored_results": self.journal.unstored_results}
         return StatusReply(rid, self.controller_id, self.codec.epoch, engines, self.scheduler.queued,
                            self.scheduler.in_flight, counters.get("tasks_done", 0),

@@ -623,6 +623,9 @@ def test_status(cluster, client):
     assert all(e["load"] == 0 for e in st["engines"])
     assert st["queued"] == 0 and st["in_flight"] == 0
     assert isinstance(st["done"], int) and isinstance(st["failed"], int)
+    counters = ("submitted", "finished", "delivered_direct", "streams_in", "streams_out", "chunks",
+                "streams_failed", "streams_inbound", "streams_outbound")
+    assert all(isinstance(st[k], int) for k in counters), {k: st.get(k) for k in counters}  # always present
     before_done, before_failed = st["done"], st["failed"]
 
     client.load_balanced_view().map_sync(double, range(6), chunksize=2)
