@@ -16,9 +16,11 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from procutil import assert_no_procs, cmdline, kill_pids, pid_gone, wait_gone
+import zmq
+from procutil import assert_no_procs, cmdline, kill_pids, pid_gone, running_cluster, wait_gone
 
 import fedpar
 
@@ -106,26 +108,10 @@ def procs() -> Iterator[ProcTracker]:
         tracker.kill_all()
 
 
-def cluster_pids(c: fedpar.Cluster) -> list[int]:
-    return [p for p in [c.controller_pid, *c.engine_pids] if p is not None]
-
-
 @pytest.fixture(scope="module")
 def cluster(fedpar_env: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[fedpar.Cluster]:
     """A started ``Cluster(n=2)`` with both engines registered, shared by one test module."""
-    c = fedpar.Cluster(n=2, log_dir=tmp_path_factory.mktemp("logs"))
-    pids: list[int] = []
-    try:
-        c.start()
-        pids = cluster_pids(c)
-        c.wait_for_engines(2, timeout=60)
-        yield c
-        pids = sorted(set(pids) | set(cluster_pids(c)))  # engines added by a test
-    finally:
-        try:
-            c.stop()
-        finally:
-            assert_no_procs(pids, timeout=10)
+    yield from running_cluster(tmp_path_factory.mktemp("logs"))
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +125,11 @@ def client(cluster: fedpar.Cluster) -> Iterator[fedpar.Client]:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture
+def zctx() -> Iterator[zmq.Context[Any]]:
+    """A zmq context for hand-driven sockets, destroyed (linger 0) after the test."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)

@@ -9,9 +9,13 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import pytest
+
+import fedpar
+from fedpar.config import Config
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -98,3 +102,29 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
 
 def read_json_line(proc: subprocess.Popen[bytes], timeout: float) -> object:
     return json.loads(read_line(proc, timeout))
+
+
+# ------------------------------------------------------------------------------------------ clusters
+
+
+def cluster_pids(c: fedpar.Cluster) -> list[int]:
+    """The controller and engine pids of a ``Cluster`` (those known now)."""
+    return [p for p in [c.controller_pid, *c.engine_pids] if p is not None]
+
+
+def running_cluster(log_dir: Path, config: Config | None = None, n: int = 2) -> Iterator[fedpar.Cluster]:
+    """For fixtures (``yield from``): a started ``Cluster(n)`` with every engine registered; at teardown it is
+    stopped and none of its processes (engines added by a test included) may be left."""
+    c = fedpar.Cluster(n=n, config=config, log_dir=log_dir)
+    pids: list[int] = []
+    try:
+        c.start()
+        pids = cluster_pids(c)
+        c.wait_for_engines(n, timeout=60)
+        yield c
+        pids = sorted(set(pids) | set(cluster_pids(c)))
+    finally:
+        try:
+            c.stop()
+        finally:
+            assert_no_procs(pids, timeout=10)

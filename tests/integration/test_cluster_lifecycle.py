@@ -10,7 +10,7 @@ import textwrap
 import time
 
 import pytest
-from procutil import assert_no_procs, pid_gone, read_json_line
+from procutil import assert_no_procs, cluster_pids, pid_gone, read_json_line
 
 import fedpar
 
@@ -25,10 +25,6 @@ with c as client:
     time.sleep(60)
 print("not reached", flush=True)
 """
-
-
-def cluster_pids(c: fedpar.Cluster) -> list[int]:
-    return [p for p in [c.controller_pid, *c.engine_pids] if p is not None]
 
 
 @pytest.fixture

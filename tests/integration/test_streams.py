@@ -30,7 +30,7 @@ import cloudpickle
 import numpy as np
 import pytest
 import zmq
-from procutil import assert_no_procs, read_json_line
+from procutil import read_json_line, running_cluster
 from streamutil import RawClient, aborted, accepted, assert_same, rejected, stats, wait_until
 
 import fedpar
@@ -163,31 +163,11 @@ def rss_anon(pid: int) -> int:
 # ------------------------------------------------------------------------------------------ fixtures
 
 
-def cluster_pids(c: fedpar.Cluster) -> list[int]:
-    return [p for p in [c.controller_pid, *c.engine_pids] if p is not None]
-
-
-def _start_cluster(config: Config, log_dir: Path) -> Iterator[fedpar.Cluster]:
-    c = fedpar.Cluster(n=2, config=config, log_dir=log_dir)
-    pids: list[int] = []
-    try:
-        c.start()
-        pids = cluster_pids(c)
-        c.wait_for_engines(2, timeout=60)
-        yield c
-        pids = sorted(set(pids) | set(cluster_pids(c)))
-    finally:
-        try:
-            c.stop()
-        finally:
-            assert_no_procs(pids, timeout=10)
-
-
 @pytest.fixture(scope="module")
 def scluster(fedpar_env: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[fedpar.Cluster]:
     """Two engines; streams above 1 MiB, abandoned after 3 s without progress."""
     config = Config(stream=StreamConfig(threshold=THRESHOLD, timeout=TIMEOUT, direct=False))
-    yield from _start_cluster(config, tmp_path_factory.mktemp("stream-logs"))
+    yield from running_cluster(tmp_path_factory.mktemp("stream-logs"), config)
 
 
 @pytest.fixture(scope="module")
@@ -205,14 +185,7 @@ def fast_loss_cluster(fedpar_env: Path, tmp_path: Path) -> Iterator[fedpar.Clust
     """A cluster of its own (its engines get killed) that declares a silent engine lost after ~1.5 s."""
     config = Config(stream=StreamConfig(threshold=THRESHOLD, timeout=TIMEOUT, direct=False),
                     controller=ControllerConfig(heartbeat=0.5, heartbeat_misses=3))
-    yield from _start_cluster(config, tmp_path / "logs")
-
-
-@pytest.fixture
-def zctx() -> Iterator[zmq.Context[Any]]:
-    ctx: zmq.Context[Any] = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
+    yield from running_cluster(tmp_path / "logs", config)
 
 
 def assert_serving(client: fedpar.Client, engine: int | None = None) -> None:
