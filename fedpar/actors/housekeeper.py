@@ -47,38 +47,32 @@ class Housekeeper(pykka.ThreadingActor):
         self.interval = interval
         self.retention = retention
         self.parent_pid = parent_pid
-        self._timer: threading.Timer | None = None
+        self._stopped = threading.Event()
+        self._ticker: threading.Thread | None = None
         self._last_purge = 0.0
         self._trimmed_at = -1  # tasks finished when the heap was last trimmed
 
     def on_start(self) -> None:
-        self._schedule()
+        # One ticker thread for the actor's life (not a threading.Timer thread per tick).
+        self._ticker = threading.Thread(target=self._tick_loop, name="fedpar-housekeeper-ticks", daemon=True)
+        self._ticker.start()
 
     def on_stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._stopped.set()
 
     def on_failure(self, *exc_info: Any) -> None:
         log.error("housekeeper failed", exc_info=exc_info)
 
-    def _schedule(self) -> None:
-        self._timer = threading.Timer(self.interval, self._tick_later)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _tick_later(self) -> None:
-        try:
-            self.actor_ref.tell(TICK)
-        except pykka.ActorDeadError:
-            pass
+    def _tick_loop(self) -> None:
+        while not self._stopped.wait(self.interval):
+            try:
+                self.actor_ref.tell(TICK)
+            except pykka.ActorDeadError:
+                return
 
     def on_receive(self, message: Any) -> Any:
-        if message != TICK:
-            return None
-        try:
+        if message == TICK:
             self.tick(time.time())
-        finally:
-            self._schedule()
         return None
 
     def tick(self, now: float) -> None:
