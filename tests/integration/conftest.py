@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import zmq
-from procutil import assert_no_procs, cmdline, kill_pids, pid_gone, running_cluster, wait_gone
+from procutil import assert_no_procs, cmdline, connected_client, kill_pids, pid_gone, running_cluster, wait_gone
 
 import fedpar
 
@@ -116,12 +116,7 @@ def cluster(fedpar_env: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 @pytest.fixture(scope="module")
 def client(cluster: fedpar.Cluster) -> Iterator[fedpar.Client]:
-    cl = cluster.connect_client()
-    try:
-        cl.wait_for_engines(2, timeout=30)
-        yield cl
-    finally:
-        cl.close()
+    yield from connected_client(cluster)
 
 
 PYTHON = sys.executable

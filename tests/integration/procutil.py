@@ -128,3 +128,13 @@ def running_cluster(log_dir: Path, config: Config | None = None, n: int = 2) -> 
             c.stop()
         finally:
             assert_no_procs(pids, timeout=10)
+
+
+def connected_client(cluster: fedpar.Cluster, n: int = 2) -> Iterator[fedpar.Client]:
+    """For fixtures (``yield from``): a client of ``cluster`` that has seen its ``n`` engines; closed after."""
+    cl = cluster.connect_client()
+    try:
+        cl.wait_for_engines(n, timeout=30)
+        yield cl
+    finally:
+        cl.close()

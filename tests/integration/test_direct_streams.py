@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
-from procutil import running_cluster
+from procutil import connected_client, running_cluster
 from streamutil import RawClient, accepted, assert_same, stats, wait_until
 
 import fedpar
@@ -64,12 +64,7 @@ def dcluster(fedpar_env: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @pytest.fixture(scope="module")
 def dclient(dcluster: fedpar.Cluster) -> Iterator[fedpar.Client]:
-    cl = dcluster.connect_client()
-    try:
-        cl.wait_for_engines(2, timeout=30)
-        yield cl
-    finally:
-        cl.close()
+    yield from connected_client(dcluster)
 
 
 @pytest.fixture

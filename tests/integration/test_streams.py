@@ -30,7 +30,7 @@ import cloudpickle
 import numpy as np
 import pytest
 import zmq
-from procutil import read_json_line, running_cluster
+from procutil import connected_client, read_json_line, running_cluster
 from streamutil import RawClient, aborted, accepted, assert_same, rejected, stats, wait_until
 
 import fedpar
@@ -172,12 +172,7 @@ def scluster(fedpar_env: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @pytest.fixture(scope="module")
 def sclient(scluster: fedpar.Cluster) -> Iterator[fedpar.Client]:
-    cl = scluster.connect_client()
-    try:
-        cl.wait_for_engines(2, timeout=30)
-        yield cl
-    finally:
-        cl.close()
+    yield from connected_client(scluster)
 
 
 @pytest.fixture
