@@ -191,6 +191,8 @@ class Scheduler:
         task = self._in_flight.pop(task_id, None)
         if task is None:
             return None
+        if not self._in_flight:  # a dict never shrinks: drop the table a burst grew (10k tasks: 200 KB)
+            self._in_flight = {}
         if task.engine is None:
             # A late result for a task that was re-queued after its engine was declared lost: the result
             # stands, so the queued copy must not run again.

@@ -577,6 +577,8 @@ class Gateway:
         self._finished_now[task.task_id] = (res, frames)
         self.counters["finished"] += 1
         w = self._watchers.pop(task.task_id, None)
+        if not self._watchers:  # a dict never shrinks: drop the table a burst grew
+            self._watchers = {}
         fed = self.relay.following(task.task_id) if res.stream is not None else ()
         for ident in (w,) if isinstance(w, bytes) else w or ():
             if delivered:  # the submitter has it; any other watcher learns it is not kept

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import threading
 import time
@@ -51,6 +52,7 @@ class Housekeeper(pykka.ThreadingActor):
         self._ticker: threading.Thread | None = None
         self._last_purge = 0.0
         self._trimmed_at = -1  # tasks finished when the heap was last trimmed
+        self._idle_trims = 0  # trims since the controller went idle at that count
 
     def on_start(self) -> None:
         # One ticker thread for the actor's life (not a threading.Timer thread per tick).
@@ -86,10 +88,15 @@ class Housekeeper(pykka.ThreadingActor):
                 log.info("purging %d results older than %.0fs", len(old), self.retention)
                 gw.call_soon(lambda: gw.journal.delete_results(old))
         finished = gw.counters.get("finished", 0)
-        if _TRIM is not None and finished != self._trimmed_at and gw.scheduler.in_flight == 0:
+        if finished != self._trimmed_at:
+            self._trimmed_at, self._idle_trims = finished, 0
+        if _TRIM is not None and self._idle_trims < 2 and gw.scheduler.in_flight == 0:
             # Idle after work: give the memory of finished tasks back, so the controller's footprint
-            # returns to its baseline instead of staying at the high-water mark of a burst.
-            self._trimmed_at = finished
+            # returns to its baseline instead of staying at the high-water mark of a burst. Twice: the
+            # second time (a tick later) after a collection, for what the last pass and cycles freed.
+            if self._idle_trims:
+                gc.collect()
+            self._idle_trims += 1
             _TRIM(0)  # type: ignore[operator]
         if self.parent_pid is not None and not pid_alive(self.parent_pid):
             log.warning("parent process %d is gone; stopping the controller", self.parent_pid)

@@ -627,3 +627,19 @@ def test_identity_lookups() -> None:
     assert r.by_task_identity(b"\x00ta") == a and r.by_task_identity(b"\x00tb") == b
     assert r.by_task_identity(b"nope") is None
     assert r.task_identity(99) is None
+
+
+def test_burst_table_is_dropped_when_all_tasks_finished() -> None:
+    """A dict never shrinks: the scheduler must not keep the table a 10k-task burst grew."""
+    import sys
+
+    s = sched(engines=1, prefetch=10_000)
+    empty = sys.getsizeof(s._in_flight)
+    for _ in range(10_000):
+        s.submit(task())
+    grown = sys.getsizeof(s._in_flight)
+    for _eid, batch in s.assign(0.0):
+        for t in batch:
+            assert s.complete(t.task_id, t.engine, 0.001) is t
+    assert s.in_flight == 0
+    assert grown > 100_000 and sys.getsizeof(s._in_flight) <= empty
