@@ -10,29 +10,34 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import secrets
 import stat
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fedpar.config import Config, check_cluster_id
-from fedpar.errors import ConfigError, ConnectionFileError
+from fedpar.errors import ClusterError, ConfigError, ConnectionFileError
 
 __all__ = [
     "CONNECTION_FILE_ENV",
     "RUNTIME_DIR_ENV",
     "ConnectionInfo",
+    "check_state_dir_free",
     "connection_file_path",
+    "lock_state_dir",
     "new_cluster_id",
     "read_connection_file",
     "remove_connection_file",
     "runtime_dir",
     "state_dir",
+    "state_dir_holder",
     "write_connection_file",
 ]
 
@@ -151,6 +156,73 @@ def state_dir(config: Config | None, cluster_id: str) -> Path:
         base = _env_dir("XDG_STATE_HOME") or Path.home() / ".local" / "state"
         path = base / "fedpar" / check_cluster_id(cluster_id)
     return _secure_dir(path, "state directory")
+
+
+LOCK_FILE = "controller.lock"
+
+
+def lock_state_dir(path: Path, *, wait: float = 0.0) -> IO[str]:
+    """Take the state directory's controller lock and return the open lock file: keep it open for as long
+    as the controller runs (the kernel releases the lock when the process ends, however it ends).
+
+    One controller per state directory: a second one would recover the first one's unfinished tasks as its
+    own and run them again. Waits up to ``wait`` seconds for a previous controller to finish exiting, then
+    raises ``ClusterError`` naming the process that holds it.
+    """
+    f = open(path / LOCK_FILE, "a+")  # noqa: SIM115 - the caller keeps it open
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = _holder_pid(f)
+                f.close()
+                raise ClusterError(_in_use(path, holder)) from None
+            time.sleep(0.05)
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def state_dir_holder(path: Path) -> int | None:
+    """The pid of the controller holding ``path``'s lock (0 if unknown), or None when no controller does."""
+    try:
+        f = open(path / LOCK_FILE)  # noqa: SIM115
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder_pid(f)
+        return None  # (closing the file drops the shared lock)
+
+
+def check_state_dir_free(path: Path, *, wait: float = 0.0) -> None:
+    """Raise ``ClusterError`` if a controller still holds ``path`` after ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while (holder := state_dir_holder(path)) is not None:
+        if time.monotonic() >= deadline:
+            raise ClusterError(_in_use(path, holder))
+        time.sleep(0.05)
+
+
+def _holder_pid(f: IO[str]) -> int:
+    try:
+        f.seek(0)
+        return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _in_use(path: Path, holder: int) -> str:
+    who = f"controller pid {holder}" if holder else "another controller"
+    return (f"state directory {path} is in use by {who}: one controller per state directory (a second one "
+            "would run the first one's tasks again); stop that cluster, or give this one its own state_dir")
 
 
 def connection_file_path(cluster_id: str, config: Config | None = None) -> Path:

@@ -25,7 +25,7 @@ from fedpar.config import Config
 from fedpar.errors import ConfigError
 from fedpar.protocol import CHUNK_BYTES
 from fedpar.registry import EngineRegistry
-from fedpar.runtime import ConnectionInfo, remove_connection_file, write_connection_file
+from fedpar.runtime import ConnectionInfo, lock_state_dir, remove_connection_file, write_connection_file
 from fedpar.scheduler import Scheduler
 from fedpar.signing import KEY_BYTES, new_cluster_key
 from fedpar.store.lmdb_store import LmdbStore
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 KEY_FILE = "cluster.key"
 ENDPOINTS_FILE = "endpoints.json"
+LOCK_WAIT = 10.0  # seconds a controller waits for the previous one on its state directory to finish exiting
 
 
 def _previous_ports(state_dir: Path) -> dict[str, int]:
@@ -99,6 +100,16 @@ def run_controller(
                     "address can read the traffic; only the cluster key protects the engines", host)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(state_dir, 0o700)
+    lock = lock_state_dir(state_dir, wait=LOCK_WAIT)  # held until this process ends
+    try:
+        return _serve(config, cluster_id=cluster_id, state_dir=state_dir, key=key, connection_file=connection_file,
+                      parent_pid=parent_pid, host=host)
+    finally:
+        lock.close()
+
+
+def _serve(config: Config, *, cluster_id: str, state_dir: Path, key: bytes | None, connection_file: Path | None,
+           parent_pid: int | None, host: str) -> int:
     key = load_or_create_key(state_dir, key)
     store = LmdbStore(
         state_dir / "store", map_size=config.store.map_size, max_map_size=config.store.max_map_size,

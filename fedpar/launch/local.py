@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fedpar.errors import ClusterError, ConnectionFileError
-from fedpar.runtime import ConnectionInfo, read_connection_file
+from fedpar.runtime import ConnectionInfo, check_state_dir_free, read_connection_file
 
 
 def controller_env() -> dict[str, str]:
@@ -86,6 +86,7 @@ class LocalLauncher:
             self.connection_file.unlink()
         except FileNotFoundError:
             pass
+        check_state_dir_free(self.state_dir, wait=2.0)  # a clear error here rather than in the controller's log
         cmd = [*self._base("controller"), "--cluster-id", self.cluster_id, "--state-dir", str(self.state_dir)]
         if self.parent_pid is not None:
             cmd += ["--parent-pid", str(self.parent_pid)]

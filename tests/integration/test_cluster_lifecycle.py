@@ -173,6 +173,25 @@ def test_state_dir_keeps_results_across_clusters(procs, tmp_path):
         assert client.get_result(tid, block=True, timeout=10) == "kept"
 
 
+
+@pytest.mark.timeout(60)
+def test_second_cluster_on_a_busy_state_dir_is_refused(procs, tmp_path):
+    """One controller per state directory: a second would recover the first one's unfinished tasks as its own
+    and run them again. It is refused with a ClusterError naming the holder; the first keeps working."""
+    state = tmp_path / "state"
+    c1 = fedpar.Cluster(n=1, state_dir=state, log_dir=tmp_path / "logs1")
+    with c1 as client:
+        procs.add(*cluster_pids(c1))
+        c2 = fedpar.Cluster(n=1, state_dir=state, log_dir=tmp_path / "logs2")
+        with pytest.raises(fedpar.ClusterError, match=f"in use by controller pid {c1.controller_pid}"):
+            c2.start()
+        assert c2.controller_pid is None  # nothing was started
+        assert client.load_balanced_view().apply_sync(lambda: 41 + 1) == 42
+    c3 = fedpar.Cluster(n=0, state_dir=state, log_dir=tmp_path / "logs3")  # free again once c1 stopped
+    with c3:
+        procs.add(*cluster_pids(c3))
+
+
 ATEXIT_SCRIPT = """
 import json, sys
 import fedpar

@@ -8,22 +8,28 @@ import json
 import logging
 import os
 import stat
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from fedpar.config import ClusterConfig, Config, ControllerConfig
-from fedpar.errors import ConnectionFileError
+from fedpar.errors import ClusterError, ConnectionFileError
 from fedpar.runtime import (
     CONNECTION_FILE_ENV,
     RUNTIME_DIR_ENV,
     ConnectionInfo,
+    check_state_dir_free,
     connection_file_path,
+    lock_state_dir,
     new_cluster_id,
     read_connection_file,
     remove_connection_file,
     runtime_dir,
     state_dir,
+    state_dir_holder,
     write_connection_file,
 )
 from fedpar.signing import new_cluster_key
@@ -329,3 +335,52 @@ def test_remove_connection_file(rt: Path) -> None:
     assert not path.exists()
     remove_connection_file(path)  # missing is fine
     remove_connection_file(str(path))
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from fedpar.runtime import lock_state_dir
+lock = lock_state_dir(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def _holder(tmp_path: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+@pytest.mark.timeout(30)
+def test_state_dir_lock_names_its_holder_and_dies_with_it(tmp_path: Path) -> None:
+    assert state_dir_holder(tmp_path) is None
+    proc = _holder(tmp_path)
+    try:
+        assert state_dir_holder(tmp_path) == proc.pid
+        with pytest.raises(ClusterError, match=f"in use by controller pid {proc.pid}"):
+            lock_state_dir(tmp_path)
+        with pytest.raises(ClusterError, match="one controller per state directory"):
+            check_state_dir_free(tmp_path, wait=0.2)
+    finally:
+        proc.kill()  # SIGKILL: no clean-up code runs, the kernel drops the lock
+        proc.wait(10)
+    assert state_dir_holder(tmp_path) is None
+    lock = lock_state_dir(tmp_path)
+    try:
+        assert state_dir_holder(tmp_path) == os.getpid()
+    finally:
+        lock.close()
+
+
+@pytest.mark.timeout(30)
+def test_state_dir_lock_waits_for_a_holder_that_is_exiting(tmp_path: Path) -> None:
+    proc = _holder(tmp_path)
+    threading.Timer(0.5, proc.kill).start()
+    try:
+        lock = lock_state_dir(tmp_path, wait=10.0)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    lock.close()
