@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedpar.config import Config, default_config_text, load_config
-from fedpar.errors import FedparError
+from fedpar.errors import ConnectionFileError, FedparError
 from fedpar.runtime import pid_alive
 
 
@@ -65,13 +65,24 @@ def cmd_engine(args: argparse.Namespace) -> int:
 def cmd_cluster_start(args: argparse.Namespace) -> int:
     from fedpar.client import Client
     from fedpar.launch.local import LocalLauncher
-    from fedpar.runtime import state_dir, write_connection_file
+    from fedpar.runtime import read_connection_file, remove_connection_file, state_dir, write_connection_file
 
     cfg = _config(args)
     path = _conn_path(args, cfg)
     if path.exists():
-        print(f"a cluster {cfg.cluster.id!r} seems to run already ({path}); stop it first", file=sys.stderr)
-        return 1
+        try:
+            old_pid: int | None = read_connection_file(path, cfg).controller_pid
+        except ConnectionFileError:
+            old_pid = None
+        if old_pid is not None and pid_alive(old_pid) and _is_fedpar(old_pid):
+            print(f"a cluster {cfg.cluster.id!r} runs already (controller pid {old_pid}, {path}); stop it first",
+                  file=sys.stderr)
+            return 1
+        # Left behind by a cluster that died without cleaning up (killed, machine rebooted): not a reason to refuse.
+        print(f"note: replacing the stale connection file {path} (its controller "
+              f"{'pid ' + str(old_pid) + ' is gone' if old_pid is not None else 'is unknown: unreadable file'})",
+              file=sys.stderr)
+        remove_connection_file(path)
     n = cfg.engines.n if args.n is None else args.n
     sd = Path(args.state_dir) if args.state_dir else state_dir(cfg, cfg.cluster.id)
     launcher = LocalLauncher(cluster_id=cfg.cluster.id, connection_file=path, state_dir=sd,

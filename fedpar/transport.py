@@ -104,7 +104,6 @@ _BIG = 65536  # parts at least this big are sent and received without copying
 _SNDMORE = int(zmq.SNDMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
-_RCVMORE = int(zmq.RCVMORE)
 NOBLOCK = int(zmq.NOBLOCK)
 
 
@@ -134,12 +133,11 @@ def recv_parts(sock: zmq.Socket[Any], flags: int = 0) -> list[Any]:
     """
     recv = sock.recv
     parts: list[Any] = []
-    more = sock.getsockopt
     while True:
         frame = recv(flags, copy=False)
         flags = 0
         parts.append(frame.bytes if len(frame) < _BIG else frame.buffer)
-        if not more(_RCVMORE):
+        if not frame.more:  # the frame knows (0.2 us); getsockopt(RCVMORE) costs ~2 us per part here
             return parts
 
 

@@ -67,7 +67,7 @@ def test_cluster_start_status_stop(procs, tmp_path):
         again = fedpar_cmd("cluster", "start", "-n", "1", "--cluster-id", cid,
                            "--state-dir", str(tmp_path / "state2"))
         assert again.returncode == 1
-        assert "stop it first" in again.stderr
+        assert f"runs already (controller pid {info.controller_pid}" in again.stderr and "stop it first" in again.stderr
 
         stopped = fedpar_cmd("cluster", "stop", "--cluster-id", cid)
         assert stopped.returncode == 0, stopped.stderr
@@ -79,6 +79,41 @@ def test_cluster_start_status_stop(procs, tmp_path):
         if path.exists() and not pids:
             info = read_connection_file(cid)
             procs.add(info.controller_pid, *info.engine_pids)
+
+
+def test_cluster_start_replaces_the_connection_file_of_a_dead_cluster(procs, tmp_path):
+    """A cluster killed without cleaning up leaves its connection file: the next start must not refuse."""
+    cid = unique_id("stale")
+    path = connection_file_path(cid)
+    pids: list[int] = []
+    try:
+        first = fedpar_cmd("cluster", "start", "-n", "1", "--cluster-id", cid, "--state-dir", str(tmp_path / "s1"),
+                           "--timeout", "30")
+        assert first.returncode == 0, first.stderr
+        info = read_connection_file(cid)
+        pids = [info.controller_pid, *info.engine_pids]
+        procs.add(*pids)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        assert_no_procs(pids, timeout=10)
+        assert path.exists()  # nobody cleaned up
+
+        second = fedpar_cmd("cluster", "start", "-n", "1", "--cluster-id", cid, "--state-dir", str(tmp_path / "s2"),
+                            "--timeout", "30")
+        info2 = read_connection_file(cid)
+        pids = [info2.controller_pid, *info2.engine_pids]
+        procs.add(*pids)
+        assert second.returncode == 0, second.stderr
+        assert f"stale connection file {path} (its controller pid {info.controller_pid} is gone)" in second.stderr
+        with fedpar.Client(cid) as client:
+            client.wait_for_engines(1, timeout=30)
+            assert client.load_balanced_view().apply_sync(lambda: "alive") == "alive"
+        stopped = fedpar_cmd("cluster", "stop", "--cluster-id", cid)
+        assert stopped.returncode == 0, stopped.stderr
+        assert_no_procs(pids, timeout=15)
+    finally:
+        if path.exists():
+            path.unlink()
 
 
 def test_cluster_status_and_stop_of_missing_cluster():
