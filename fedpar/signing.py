@@ -67,11 +67,14 @@ class Signer:
         h = self._base.copy()
         n = len(frames)
         sizes = [_nbytes(f) for f in frames]
-        h.update(struct.pack(f">{n + 2}Q", n, _nbytes(header), *sizes))
+        hsize = _nbytes(header)
+        lengths = struct.pack(f">{n + 2}Q", n, hsize, *sizes)
+        if hsize + sum(sizes) <= _JOIN_LIMIT:  # small: one update of the joined parts is much cheaper than several
+            h.update(b"".join((lengths, header, *frames)))
+            return h.digest()
+        h.update(lengths)
         h.update(header)
-        if n > 1 and sum(sizes) <= _JOIN_LIMIT:  # many small frames: one update is much cheaper
-            h.update(b"".join(frames))
-        elif n and max(sizes) > BULK_THRESHOLD:
+        if n and max(sizes) > BULK_THRESHOLD:
             nonce = hashlib.sha256(header).digest()[:8]
             gmac = self._bulk.encrypt
             for i, f in enumerate(frames):
