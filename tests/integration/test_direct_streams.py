@@ -331,25 +331,40 @@ def test_vanished_client_is_noticed_at_once(raw_pair, dclient) -> None:
     assert_same(dclient[target].pull("after_vanish", block=True), a)
 
 
+def offered_pull(r: RawClient, link: RawLink, dclient: fedpar.Client, target: int, name: str,
+                 a: Any) -> tuple[str, bytes, Results, dict[str, Any]]:
+    """Put ``a`` on ``target`` as ``name`` and pull it with a direct offer from the raw client. Returns the task
+    id, the engine's identity on the link, the engine's Results head and the counters before."""
+    dclient[target].push({name: a}, block=True)
+    before = stats(dclient)
+    tid = f"raw-{name}-{next(_counter)}"
+    r.send(Submit([TaskSpec(tid, "pull", target, 0, 0, {"names": name, OFFER: link.offer})]))
+    ident, rx = link.recv()
+    assert isinstance(rx.msg, Results)
+    return tid, ident, rx.msg, before
+
+
+def assert_came_through_controller(dclient: fedpar.Client, target: int, name: str, tid: str, a: Any,
+                                   before: dict[str, Any]) -> None:
+    """The pull result was stored by the controller (its relay carried it) and not counted as delivered."""
+    assert_same(dclient.get_result(tid, block=True, timeout=30), a)
+    after = stats(dclient)
+    assert delivered(before, after) == 0
+    assert relay_moved(before, after)["streams_in"] == 1
+    dclient[target].execute(f"del {name}", block=True)
+
+
 def test_refused_direct_result_comes_through_the_controller(raw_pair, dclient) -> None:
     """A client that turns the engine's direct result away (StreamAbort) still gets it: the engine sends it
     through the controller, which stores it (the relay carries it, nothing is counted as delivered)."""
     r, link = raw_pair("refuse")
     target = r.hello().engines[1]
     a = np.arange(2 * MiB // 8, dtype=np.float64)
-    dclient[target].push({"refused": a}, block=True)
-    before = stats(dclient)
-    tid = f"raw-refuse-{next(_counter)}"
-    r.send(Submit([TaskSpec(tid, "pull", target, 0, 0, {"names": "refused", OFFER: link.offer})]))
-    ident, rx = link.recv()
-    assert isinstance(rx.msg, Results) and rx.msg.results[0].task_id == tid
-    head = rx.msg.results[0].stream
+    tid, ident, results, before = offered_pull(r, link, dclient, target, "refused", a)
+    assert results.results[0].task_id == tid
+    head = results.results[0].stream
     link.send(ident, StreamAbort(head[0], "StreamAborted", "not now"))
-    assert_same(dclient.get_result(tid, block=True, timeout=30), a)
-    after = stats(dclient)
-    assert delivered(before, after) == 0
-    assert relay_moved(before, after)["streams_in"] == 1
-    dclient[target].execute("del refused", block=True)
+    assert_came_through_controller(dclient, target, "refused", tid, a, before)
 
 
 def test_unacknowledged_direct_result_comes_through_the_controller(raw_pair, dclient) -> None:
@@ -359,13 +374,8 @@ def test_unacknowledged_direct_result_comes_through_the_controller(raw_pair, dcl
     r, link = raw_pair("noack")
     target = r.hello().engines[0]
     a = np.arange(2 * MiB // 8 + 3, dtype=np.float64)
-    dclient[target].push({"noack": a}, block=True)
-    before = stats(dclient)
-    tid = f"raw-noack-{next(_counter)}"
-    r.send(Submit([TaskSpec(tid, "pull", target, 0, 0, {"names": "noack", OFFER: link.offer})]))
-    ident, rx = link.recv()
-    assert isinstance(rx.msg, Results)
-    sid, sizes = rx.msg.results[0].stream
+    tid, ident, results, before = offered_pull(r, link, dclient, target, "noack", a)
+    sid, sizes = results.results[0].stream
     n = len(layout(sizes))
     link.send(ident, Credit(sid, n))
     got = 0
@@ -374,11 +384,7 @@ def test_unacknowledged_direct_result_comes_through_the_controller(raw_pair, dcl
         assert isinstance(rx.msg, Chunk) and rx.msg.index == got
         got += 1
     link.send(ident, StreamAbort(sid, "StreamCorrupted", "the last chunk failed its check"))
-    assert_same(dclient.get_result(tid, block=True, timeout=30), a)
-    after = stats(dclient)
-    assert delivered(before, after) == 0
-    assert relay_moved(before, after)["streams_in"] == 1
-    dclient[target].execute("del noack", block=True)
+    assert_came_through_controller(dclient, target, "noack", tid, a, before)
 
 
 def test_offer_from_another_host_is_ignored(raw_pair, dclient) -> None:
