@@ -249,6 +249,7 @@ class _IOThread(threading.Thread):
             for tid in msg.accepted:
                 self.unacked.pop(tid, None)
             self.expected.update(msg.accepted)
+            self.client._on_accepted(msg.accepted)
             if self.upload_of:
                 for tid in msg.accepted:
                     self._close_upload(tid, acked=True)
@@ -551,6 +552,13 @@ class Client:
             for ar, i in waiters:
                 ar._fail(i, ResultNotFound(f"no task {tid!r} in the controller's store", task_id=tid))
 
+    def _on_accepted(self, accepted: Sequence[str]) -> None:
+        with self._wlock:
+            waiting = self._waiting
+            found = [w for tid in accepted for w in waiting.get(tid, ())]
+        for ar, i in found:
+            ar._accept(i)
+
     def _on_rejected(self, rejected: list[list[str]]) -> None:
         from fedpar import errors
 
@@ -640,7 +648,7 @@ class Client:
         single = isinstance(task_ids, str)
         ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
         request = GetResults(ids)  # validates the ids before anything is registered
-        ar = AsyncResult(ids, first if single else as_list, label="get_result")
+        ar = AsyncResult(ids, first if single else as_list, label="get_result", sent=True)
         with self._wlock:
             for i, tid in enumerate(ids):
                 self._waiting.setdefault(tid, []).append((ar, i))

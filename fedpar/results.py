@@ -60,6 +60,8 @@ class AsyncResult(Future[Any]):
 
     * ``task_ids`` (alias ``msg_ids``): the ids of the tasks, usable with ``Client.get_result``.
     * ``get(timeout=)``, ``wait(timeout=)``, ``ready()``, ``successful()``, ``elapsed``, ``progress``.
+    * ``sent`` / ``wait_for_send(timeout=)``: whether the controller has stored every submission (from then
+      on any client can ``get_result`` these ids, and a controller restart keeps them).
     * Iterating a map result yields its elements in order as their chunks arrive.
     * One failed task raises its ``RemoteError`` (or ``EngineError``, ...); several raise ``CompositeError``.
     """
@@ -71,6 +73,7 @@ class AsyncResult(Future[Any]):
         *,
         chunked: bool = False,
         label: str = "",
+        sent: bool = False,
     ):
         super().__init__()
         self.task_ids = list(task_ids)
@@ -81,8 +84,10 @@ class AsyncResult(Future[Any]):
         self._raw: list[tuple[ResultSpec, list[Any]] | None] = [None] * self._n
         self._values: list[Any] = [_UNSET] * self._n
         self._done = 0
-        self._lock = threading.Lock()  # cheap; a Condition on it is made only if someone iterates
-        self._iter_cond: threading.Condition | None = None
+        self._accepted: list[bool] | None = None if sent else [False] * self._n
+        self._unsent = 0 if sent else self._n  # neither acknowledged by the controller nor finished
+        self._lock = threading.Lock()  # cheap; a Condition on it is made only if someone waits on it
+        self._cond: threading.Condition | None = None
         self._value: Any = _UNSET
         self._submitted = time.monotonic()
         self._finished: float | None = None
@@ -91,14 +96,28 @@ class AsyncResult(Future[Any]):
             self._finish()
 
     # ------------------------------------------------------------------ fed by the client's I/O thread
+    def _accept(self, index: int) -> None:
+        """The controller acknowledged (stored) the submission of task ``index``."""
+        with self._lock:
+            self._mark_sent(index)
+
+    def _mark_sent(self, index: int) -> None:
+        accepted = self._accepted
+        if accepted is not None and not accepted[index]:
+            accepted[index] = True
+            self._unsent -= 1
+            if self._cond is not None:
+                self._cond.notify_all()
+
     def _deliver(self, index: int, spec: ResultSpec, frames: list[Any]) -> None:
         with self._lock:
             if self._raw[index] is not None:
                 return
             self._raw[index] = (spec, frames)
             self._done += 1
-            if self._iter_cond is not None:
-                self._iter_cond.notify_all()
+            self._mark_sent(index)  # an outcome (even a rejection) ends the wait for the acknowledgement
+            if self._cond is not None:
+                self._cond.notify_all()
             complete = self._done == self._n
         if complete:
             self._finish()
@@ -161,6 +180,24 @@ class AsyncResult(Future[Any]):
     def ready(self) -> bool:
         return self.done()
 
+    @property
+    def sent(self) -> bool:
+        """True once the controller has acknowledged every submission (or the task already finished).
+
+        An acknowledged task is in the controller's store: another client can ``get_result`` its id, and it
+        survives a controller restart. Before that, only this client knows the id.
+        """
+        return self._unsent == 0
+
+    def wait_for_send(self, timeout: float | None = None) -> bool:
+        """Wait until ``sent`` (at most ``timeout`` seconds); True when it is. Never raises task errors."""
+        with self._lock:
+            if self._unsent == 0:
+                return True
+            if self._cond is None:
+                self._cond = threading.Condition(self._lock)
+            return self._cond.wait_for(lambda: self._unsent == 0, timeout)
+
     def successful(self) -> bool:
         """True when done without error (ipyparallel's name)."""
         return self.done() and self.exception() is None
@@ -188,9 +225,9 @@ class AsyncResult(Future[Any]):
         for i in range(self._n):
             with self._lock:
                 if self._raw[i] is None:
-                    if self._iter_cond is None:
-                        self._iter_cond = threading.Condition(self._lock)
-                    self._iter_cond.wait_for(lambda i=i: self._raw[i] is not None)  # type: ignore[misc]
+                    if self._cond is None:
+                        self._cond = threading.Condition(self._lock)
+                    self._cond.wait_for(lambda i=i: self._raw[i] is not None)  # type: ignore[misc]
                 v = self._value_at(i)
             if self._chunked:
                 yield from v

@@ -573,6 +573,19 @@ def test_get_result_of_running_task(client):
     assert ar.get(timeout=10) == "late"
 
 
+def test_running_task_from_another_client_once_sent(cluster, client):
+    """``wait_for_send`` says when the controller has stored a submission: from then on another client (its own
+    socket, not ordered with ours) finds the task while it still runs."""
+    ar = client.load_balanced_view().apply_async(lambda: (time.sleep(0.5), "late")[1])
+    assert ar.wait_for_send(10) and ar.sent
+    assert not ar.ready()
+    with cluster.connect_client() as other:
+        watched = other.get_result(ar.task_ids[0])
+        assert watched.sent  # nothing of its own to submit
+        assert watched.get(timeout=10) == "late"
+    assert ar.get(timeout=10) == "late"
+
+
 def test_get_result_unknown_id(client):
     with pytest.raises(fedpar.ResultNotFound) as info:
         client.get_result("no-such-task-id", block=True, timeout=10)

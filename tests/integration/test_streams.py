@@ -334,6 +334,7 @@ def test_get_result_of_large_result_from_another_client(scluster: fedpar.Cluster
     ar = lv.apply_async(throttled_ones, 20 * MiB, 0.01)  # ~0.2 s of result stream
     other = scluster.connect_client()
     try:
+        assert ar.wait_for_send(30)  # stored: from now on another client can ask for it (two sockets: no order)
         early = other.get_result(ar.task_ids[0])  # watched while running: delivered when it finishes
         want = np.ones(20 * MiB // 8)
         assert_same(ar.get(timeout=30), want)

@@ -456,3 +456,41 @@ def test_wait_interactive_done_already() -> None:
     out = io.StringIO()
     ar.wait_interactive(stream=out)
     assert out.getvalue().strip().startswith("[" + "#" * 30 + "] 1/1 tasks")
+
+
+def test_sent_after_every_acknowledgement() -> None:
+    ar = AsyncResult(ids(3))
+    assert not ar.sent and not ar.wait_for_send(0.01)
+    ar._accept(0)
+    ar._accept(0)  # a repeated acknowledgement counts once
+    ar._accept(2)
+    assert not ar.sent
+    ar._accept(1)
+    assert ar.sent and ar.wait_for_send(0)
+    assert not ar.done()  # acknowledged is not finished
+
+
+def test_an_outcome_counts_as_sent() -> None:
+    """A task that finished (or was rejected) without its acknowledgement being seen needs no further wait."""
+    ar = AsyncResult(ids(2))
+    ok(ar, 0, 1)
+    ar._fail(1, fedpar.StoreFull("the controller's store is full"))
+    assert ar.sent
+    ar._accept(1)  # a late acknowledgement changes nothing
+    assert ar.sent
+
+
+def test_wait_for_send_wakes_on_the_last_acknowledgement(later: Any) -> None:
+    ar = AsyncResult(ids(2))
+    ar._accept(0)
+    later(0.05, ar._accept, 1)
+    t0 = time.monotonic()
+    assert ar.wait_for_send(5)
+    assert time.monotonic() - t0 < 4
+
+
+def test_results_asked_for_by_id_are_sent_already() -> None:
+    ar = AsyncResult(ids(2), sent=True)
+    assert ar.sent and ar.wait_for_send(0)
+    ar._accept(0)
+    assert ar.sent
