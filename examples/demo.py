@@ -29,7 +29,7 @@ def main() -> None:
         print(f"cluster up with engines {client.ids} in {time.perf_counter() - t0:.2f}s")
         dview, lview = client[:], client.load_balanced_view()
 
-        for eid, w in zip(client.ids, dview.apply_sync(where)):
+        for eid, w in zip(client.ids, dview.apply_sync(where), strict=True):
             print(f"  engine {eid}: {w}")
 
         per_task, tasks = 200_000, 4 * n

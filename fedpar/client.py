@@ -234,6 +234,10 @@ class _IOThread(threading.Thread):
             expected = self.expected
             results = msg.results
             frames = rx.frames
+            if self.unacked:  # a result acknowledges its task (the controller may skip the SubmitReply)
+                implied = [r.task_id for r in results if self.unacked.pop(r.task_id, None) is not None]
+                if implied:
+                    self.client._on_accepted(implied)
             if self.link is not None:  # outcomes end direct uploads/downloads; DELIVERED notices are handled
                 results = self.link.outcomes(results)
             if any(r.stream is not None for r in results):  # large results follow as streams

@@ -161,7 +161,8 @@ class Welcome(Message):
 
 @dataclass(frozen=True, slots=True)
 class Submit(Message):
-    """A batch of tasks from a client. Acknowledged by ``SubmitReply`` once stored."""
+    """A batch of tasks from a client. Acknowledged by ``SubmitReply`` once stored, or (a small submission
+    whose tasks finish within the gateway's ``ACK_HOLD``) by the tasks' results alone."""
 
     KIND: ClassVar[str] = "submit"
     tasks: list[TaskSpec]

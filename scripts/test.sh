@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
 python -m pip install -q -e '.[test]'
-ruff check fedpar tests benchmarks
+ruff check fedpar tests benchmarks examples
 mypy
 python -m pytest -p no:cacheprovider "$@"

@@ -74,6 +74,11 @@ ENGINE_LOST = "fedpar.EngineError"
 # Bytes received per pass before it is committed. Bounds the size of one LMDB transaction, and LMDB keeps
 # the dirty pages of its largest transaction cached for reuse: so this bounds the controller's footprint.
 PASS_BYTES = 2 << 20
+# A small submission's acknowledgement waits this long for the task's result, which then acknowledges it
+# (the client treats a result as its task's acknowledgement). A short task's round trip then costs one
+# message less each way through the client and the controller; a longer task is acknowledged after this.
+ACK_HOLD = 0.005
+ACK_HOLD_MAX = 16  # tasks in one submission, at most, for its acknowledgement to wait
 
 
 class Gateway:
@@ -112,6 +117,9 @@ class Gateway:
         self._watchers: dict[str, bytes | set[bytes]] = {}  # task id -> client(s) waiting for it
         self._saved_marks: dict[str, int] = codec.guard.marks()
         self._queued_now: list[Task] = []  # accepted this pass (their payload is dropped after commit)
+        # Acknowledgements waiting for their tasks' results: (client, request id) -> (until, ids, ids without
+        # a result sent yet). Only plain small submissions wait (no stream, no direct offer, no resubmission).
+        self._held: dict[tuple[bytes, int], tuple[float, list[str], set[str]]] = {}
         self.recovery = Recovery((), 0.0)
         self.relay = Relay(journal, stream or StreamSettings(), self._send, self._stream_complete, self._stream_failed)
         self._reset_pass()
@@ -162,6 +170,7 @@ class Gateway:
     # ------------------------------------------------------------------ loop
     def _reset_pass(self) -> None:
         self._acks: dict[tuple[bytes, int], list[str]] = {}
+        self._holdable: set[tuple[bytes, int]] = set()  # acknowledgements of this pass that may wait
         self._rejects: dict[tuple[bytes, int], list[list[str]]] = defaultdict(list)
         self._to_clients: dict[bytes, list[tuple[ResultSpec, list[Any]]]] = defaultdict(list)
         self._replies: list[tuple[zmq.Socket[Any], bytes, Message, list[Any]]] = []
@@ -177,7 +186,8 @@ class Gateway:
         self._running = True
         next_check = time.monotonic() + self.heartbeat / 2
         while self._running:
-            timeout = 0.0 if self._has_work() else max(0.0, next_check - time.monotonic())
+            wake = next_check if not self._held else min(next_check, *(h[0] for h in self._held.values()))
+            timeout = 0.0 if self._has_work() else max(0.0, wake - time.monotonic())
             ready = dict(poller.poll(int(timeout * 1000)))
             now = time.time()
             if self.waker.fileno() in ready:
@@ -193,7 +203,7 @@ class Gateway:
                 self._check_engines(now)
             self._finish_pass(now)
         self._shutdown_engines("controller stopping")
-        self._finish_pass(time.time())
+        self._finish_pass(time.time(), final=True)
 
     def _drain(self, sock: zmq.Socket[Any], handle: Callable[[bytes, Received, float], None], now: float) -> None:
         budget = PASS_BYTES
@@ -262,7 +272,11 @@ class Gateway:
 
     def _on_submit(self, ident: bytes, rid: int, sender: str, msg: Submit, frames: list[Any], now: float) -> None:
         self._clients.add(ident)
-        accepted = self._acks.setdefault((ident, rid), [])
+        key = (ident, rid)
+        accepted = self._acks.setdefault(key, [])
+        if len(msg.tasks) <= ACK_HOLD_MAX and not any("stream" in t.spec or OFFER in t.spec or "resubmit" in t.spec
+                                                       for t in msg.tasks):
+            self._holdable.add(key)
         pos = 0
         sched = self.scheduler
         for spec in msg.tasks:
@@ -627,7 +641,7 @@ class Gateway:
                 self._send(self.engine_sock, ident, EngineStop(reason))
 
     # ------------------------------------------------------------------ end of a pass
-    def _finish_pass(self, now: float) -> None:
+    def _finish_pass(self, now: float, final: bool = False) -> None:
         self.relay.after_commit(self.journal.commit_chunks(), now)  # stream chunks first: completions follow
         dispatch = self.scheduler.assign(now)
         for _eid, tasks in dispatch:
@@ -655,9 +669,16 @@ class Gateway:
             dispatch = [(eid, [t for t in ts if t.task_id not in refused_ids]) for eid, ts in dispatch]
         acks, rejects, to_clients, replies = self._acks, self._rejects, self._to_clients, self._replies
         registered, unregistered = self._events_registered, self._events_unregistered
+        holdable = self._holdable
         self._reset_pass()  # whatever sending below triggers (a lost engine) lands in the next pass
-        for (ident, rid), ids in acks.items():
-            self._send(self.client_sock, ident, SubmitReply(rid, ids, rejects.pop((ident, rid), [])))
+        if self._held:
+            self._settle_held_acks(to_clients, final)
+        for key, ids in acks.items():
+            rej = rejects.pop(key, [])
+            if key in holdable and ids and not rej and not final:
+                self._held[key] = (time.monotonic() + ACK_HOLD, ids, set(ids))
+            else:
+                self._send(self.client_sock, key[0], SubmitReply(key[1], ids, rej))
         for (ident, rid), rej in rejects.items():
             self._send(self.client_sock, ident, SubmitReply(rid, [], rej))
         for ident, items in to_clients.items():
@@ -674,6 +695,20 @@ class Gateway:
                 self._send(self.client_sock, ident, ev)
         if self.relay.outbound:
             self.relay.pump()
+
+    def _settle_held_acks(self, to_clients: dict[bytes, list[tuple[ResultSpec, list[Any]]]], final: bool) -> None:
+        """Drop the held acknowledgements whose tasks' results go out in this pass; send those that waited
+        long enough (for the tasks still without a result)."""
+        mono = time.monotonic()
+        for key, (until, ids, remaining) in list(self._held.items()):
+            items = to_clients.get(key[0])
+            if items:
+                remaining.difference_update([r.task_id for r, _ in items])
+            if not remaining:
+                del self._held[key]
+            elif final or mono >= until:
+                del self._held[key]
+                self._send(self.client_sock, key[0], SubmitReply(key[1], [i for i in ids if i in remaining], []))
 
     def _has_work(self) -> bool:
         """True when the last pass left something to commit or send (poll without sleeping)."""

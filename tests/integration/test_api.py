@@ -576,8 +576,9 @@ def test_get_result_of_running_task(client):
 def test_running_task_from_another_client_once_sent(cluster, client):
     """``wait_for_send`` says when the controller has stored a submission: from then on another client (its own
     socket, not ordered with ours) finds the task while it still runs."""
-    ar = client.load_balanced_view().apply_async(lambda: (time.sleep(0.5), "late")[1])
-    assert ar.wait_for_send(10) and ar.sent
+    ar = client.load_balanced_view().apply_async(lambda: (time.sleep(3), "late")[1])
+    # the controller holds a small submission's acknowledgement only briefly (its result would replace it)
+    assert ar.wait_for_send(2.5) and ar.sent
     assert not ar.ready()
     with cluster.connect_client() as other:
         watched = other.get_result(ar.task_ids[0])
