@@ -105,6 +105,9 @@ class Engine:
         self._recent_bytes = 0
         self._resend: deque[str] = deque()  # ids a re-registration asked for again
         self._epoch = 0  # incarnation of the controller this engine is registered with
+        # Taken while the main thread checks a task batch's epoch and records its ids as held, and while the
+        # control thread raises the epoch: a batch is either listed in the re-registration or never run.
+        self._epoch_lock = threading.Lock()
         self._current = ""  # id of the task being executed (read by the heartbeat)
         self._stream = StreamSettings()  # the cluster's, from the controller's welcome
         self._sids = itertools.count(1)
@@ -179,7 +182,11 @@ class Engine:
                 break
             if not isinstance(rx.msg, Tasks):
                 continue
-            if rx.envelope.epoch < self._epoch:
+            with self._epoch_lock:
+                stale = rx.envelope.epoch < self._epoch
+                if not stale:
+                    self._holding.update(spec.task_id for spec in rx.msg.tasks)
+            if stale:
                 # Sent by a controller that died before we read it; we registered again since without
                 # listing these tasks, so the new controller has retried or failed them: never run them.
                 log.info("dropping %d task(s) from controller epoch %d", len(rx.msg.tasks), rx.envelope.epoch)
@@ -187,7 +194,6 @@ class Engine:
             if not results:
                 first_pending = time.monotonic()
             pos = 0
-            self._holding.update(spec.task_id for spec in rx.msg.tasks)
             for spec in rx.msg.tasks:
                 tframes = rx.frames[pos:pos + spec.nframes]
                 pos += spec.nframes
@@ -460,10 +466,12 @@ class Engine:
                         if unknown:
                             # From now on, tasks of older incarnations are not started (see _serve): what
                             # the main thread took before this point is in _holding and listed below.
-                            self._epoch = max(self._epoch, rx.envelope.epoch)
+                            with self._epoch_lock:
+                                self._epoch = max(self._epoch, rx.envelope.epoch)
                     elif isinstance(msg, EngineWelcome):
                         last_ack = time.monotonic()
-                        self._epoch = rx.envelope.epoch
+                        with self._epoch_lock:
+                            self._epoch = rx.envelope.epoch
                         self._stream = StreamSettings.from_wire(msg.stream)
                         self._resend.extend(msg.resend)
                         if msg.engine_id != self.engine_id:
