@@ -724,19 +724,42 @@ class Client:
         reply = self._request(Shutdown(engines_only), timeout)
         assert isinstance(reply, ShutdownReply)
         if not engines_only:
-            self.close()
+            self.close(timeout=1.0)  # (the controller's last acknowledgements follow its reply)
         return reply.engines
 
-    def close(self) -> None:
-        """Disconnect. Pending results are failed with ``ControllerUnavailable``."""
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Disconnect.
+
+        First waits (at most ``timeout`` seconds, and only while the controller answers) until the controller
+        has stored every task this client submitted, so work submitted just before ``close`` runs and its
+        results stay retrievable with ``get_result`` from another client. Results still pending are then
+        failed here with ``ControllerUnavailable``.
+        """
         if self._closed:
             return
+        if self._io.is_alive():
+            self._await_sent(timeout)
         self._closed = True
         self._io.running = False
         self._io.waker.wake()
         self._io.join(5)
         self._fail_all(ControllerUnavailable("the client was closed before the result arrived"))
         self._ctx.term()
+
+    def _await_sent(self, timeout: float | None) -> None:
+        with self._wlock:
+            unsent = {id(ar): ar for waiters in self._waiting.values() for ar, _ in waiters if not ar.sent}
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        for ar in unsent.values():
+            while not ar.wait_for_send(0.05):
+                now = time.monotonic()  # (with tasks unacknowledged, the I/O thread pings a silent controller)
+                silent = now - max(self._io.last_heard, start) > 2 * PING_INTERVAL + 1.0
+                if silent or (deadline is not None and now >= deadline):
+                    left = sum(1 for a in unsent.values() if not a.sent)
+                    log.warning("closing with %d submission(s) the controller has not confirmed (%s); they may "
+                                "not run", left, "it is silent" if silent else f"waited {timeout}s")
+                    return
 
     def __enter__(self) -> Client:
         return self

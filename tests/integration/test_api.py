@@ -587,6 +587,20 @@ def test_running_task_from_another_client_once_sent(cluster, client):
     assert ar.get(timeout=10) == "late"
 
 
+def test_close_right_after_submitting_loses_nothing(cluster):
+    """``close()`` waits until the controller has stored what the client submitted: a task whose 3 MB of
+    arguments were still on their way when ``close`` was called runs, and another client gets its result
+    (before, some of these submissions were dropped with the socket)."""
+    ids = []
+    for i in range(10):
+        c = cluster.connect_client()
+        ar = c.load_balanced_view().apply_async(len, bytes(3_000_000 + i))
+        c.close()
+        ids.append(ar.task_ids[0])
+    with cluster.connect_client() as other:
+        assert other.get_result(ids, block=True, timeout=30) == [3_000_000 + i for i in range(10)]
+
+
 def test_get_result_unknown_id(client):
     with pytest.raises(fedpar.ResultNotFound) as info:
         client.get_result("no-such-task-id", block=True, timeout=10)

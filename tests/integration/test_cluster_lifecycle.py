@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -223,3 +224,30 @@ def test_script_that_never_stops_its_cluster(procs, tmp_path, how):
     code = proc.wait(20)
     assert (code == 0) == (how == "exit")
     assert_no_procs(pids, timeout=10)
+
+
+@pytest.mark.timeout(60)
+def test_close_does_not_wait_for_a_silent_controller(procs, tmp_path, caplog):
+    """With the controller stopped (SIGSTOP), ``close()`` gives up on confirming the submissions after a few
+    seconds of silence, says so, and fails what was pending; it neither hangs nor waits its whole timeout."""
+    c = fedpar.Cluster(n=1, log_dir=tmp_path / "logs")
+    try:
+        client = c.start_and_connect()
+        procs.add(*cluster_pids(c))
+        ctrl = c.pids()[0]
+        os.kill(ctrl, signal.SIGSTOP)
+        try:
+            ar = client.load_balanced_view().apply_async(len, b"abc")
+            t0 = time.monotonic()
+            with caplog.at_level(logging.WARNING, logger="fedpar.client"):
+                client.close(timeout=30)
+            took = time.monotonic() - t0
+        finally:
+            os.kill(ctrl, signal.SIGCONT)
+        assert 2 < took < 15, took
+        assert ar.done()
+        with pytest.raises(fedpar.ControllerUnavailable):
+            ar.get(timeout=1)
+        assert "has not confirmed" in caplog.text and "silent" in caplog.text
+    finally:
+        c.stop()
