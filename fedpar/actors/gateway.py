@@ -186,8 +186,11 @@ class Gateway:
         self._running = True
         next_check = time.monotonic() + self.heartbeat / 2
         while self._running:
-            wake = next_check if not self._held else min(next_check, *(h[0] for h in self._held.values()))
-            timeout = 0.0 if self._has_work() else max(0.0, wake - time.monotonic())
+            if self._has_work():
+                timeout = 0.0
+            else:
+                wake = min(next_check, *(h[0] for h in self._held.values())) if self._held else next_check
+                timeout = max(0.0, wake - time.monotonic())
             ready = dict(poller.poll(int(timeout * 1000)))
             now = time.time()
             if self.waker.fileno() in ready:
@@ -700,10 +703,15 @@ class Gateway:
         """Drop the held acknowledgements whose tasks' results go out in this pass; send those that waited
         long enough (for the tasks still without a result)."""
         mono = time.monotonic()
+        out: dict[bytes, set[str]] = {}  # per client: ids of the results this pass sends it
         for key, (until, ids, remaining) in list(self._held.items()):
-            items = to_clients.get(key[0])
-            if items:
-                remaining.difference_update([r.task_id for r, _ in items])
+            done = out.get(key[0])
+            if done is None:
+                items = to_clients.get(key[0])
+                done = out[key[0]] = {r.task_id for r, _ in items} if items else set()
+            if done:  # (cost: the held ids, at most ACK_HOLD_MAX, not the pass's results)
+                for tid in [t for t in remaining if t in done]:
+                    remaining.discard(tid)
             if not remaining:
                 del self._held[key]
             elif final or mono >= until:
