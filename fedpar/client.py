@@ -43,6 +43,8 @@ from fedpar.errors import (
     UnknownEngineError,
 )
 from fedpar.protocol import (
+    Abort,
+    AbortReply,
     Chunk,
     ClientHello,
     Credit,
@@ -517,7 +519,7 @@ class Client:
         if self._closed:
             raise FedparError("this client is closed")
         ids = self._new_task_ids(len(items))
-        ar = AsyncResult(ids, reduce, chunked=chunked, label=label)
+        ar = AsyncResult(ids, reduce, chunked=chunked, label=label, client=self)
         with self._wlock:
             for i, tid in enumerate(ids):
                 self._waiting[tid] = [(ar, i)]
@@ -652,7 +654,7 @@ class Client:
         single = isinstance(task_ids, str)
         ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
         request = GetResults(ids)  # validates the ids before anything is registered
-        ar = AsyncResult(ids, first if single else as_list, label="get_result", sent=True)
+        ar = AsyncResult(ids, first if single else as_list, label="get_result", sent=True, client=self)
         with self._wlock:
             for i, tid in enumerate(ids):
                 self._waiting.setdefault(tid, []).append((ar, i))
@@ -683,6 +685,29 @@ class Client:
                                          limit), timeout)
         assert isinstance(reply, TaskList)
         return [TaskRecord.from_row(r) for r in reply.rows]
+
+    def abort(self, jobs: str | Sequence[str] | AsyncResult | None = None, *, timeout: float = 10.0) -> list[str]:
+        """Withdraw submitted tasks that no engine has yet: they fail with ``fedpar.TaskAborted`` (so do their
+        ``AsyncResult``s, here and in any client watching them, and ``get_result`` later).
+
+        ``jobs``: task ids or an ``AsyncResult``; ``None``: every task this client submitted and still waits
+        for. Tasks already sent to an engine run to the end. Returns the ids withdrawn; their results have
+        arrived by the time it returns.
+        """
+        if isinstance(jobs, AsyncResult):
+            ids = jobs.task_ids
+        elif isinstance(jobs, str):
+            ids = [jobs]
+        elif jobs is None:
+            with self._wlock:
+                ids = [tid for tid, waiters in self._waiting.items() if any(ar.submitted for ar, _ in waiters)]
+        else:
+            ids = list(jobs)
+        if not ids:
+            return []
+        reply = self._request(Abort(ids), timeout)
+        assert isinstance(reply, AbortReply)
+        return reply.aborted
 
     def purge_results(self, jobs: str | Sequence[str] | AsyncResult | None = None, *, before: float | None = None,
                       everything: bool = False, timeout: float = 30.0) -> int:

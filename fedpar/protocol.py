@@ -201,6 +201,27 @@ class GetResults(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Abort(Message):
+    """Withdraw tasks still queued in the controller (no engine has them): they fail with ``TaskAborted``."""
+
+    KIND: ClassVar[str] = "abort"
+    task_ids: list[str]
+
+    def __post_init__(self) -> None:
+        if not all(valid_task_id(t) for t in self.task_ids):
+            raise MalformedMessage("abort: every task id must be 1-256 UTF-8 bytes without NUL")
+
+
+@dataclass(frozen=True, slots=True)
+class AbortReply(Message):
+    """The tasks of an ``Abort`` that were withdrawn (the others were with an engine, finished, or unknown)."""
+
+    KIND: ClassVar[str] = "abort_reply"
+    reply_to: int
+    aborted: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class QueryTasks(Message):
     """Ask for stored task records matching every filter given (times are submission times)."""
 
@@ -387,6 +408,7 @@ KINDS: dict[str, type[Message]] = {
         ClientHello, Welcome, Submit, SubmitReply, Results, GetResults, StatusRequest, StatusReply,
         EngineEvent, Shutdown, ShutdownReply, ErrorReply, EngineHello, EngineWelcome, Heartbeat,
         Tasks, EngineStop, QueryTasks, TaskList, PurgeResults, PurgeReply, Chunk, Credit, StreamAbort,
+        Abort, AbortReply,
     )
 }
 

@@ -12,12 +12,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from fedpar import errors
 from fedpar.errors import CompositeError, FedparError, RemoteError, TaskError, TimeoutError
 from fedpar.payload import loads
 from fedpar.protocol import ResultSpec
+
+if TYPE_CHECKING:
+    from fedpar.client import Client
 
 _UNSET = object()
 Reducer = Callable[[list[Any]], Any]
@@ -74,6 +77,7 @@ class AsyncResult(Future[Any]):
         chunked: bool = False,
         label: str = "",
         sent: bool = False,
+        client: Client | None = None,
     ):
         super().__init__()
         self.task_ids = list(task_ids)
@@ -84,6 +88,7 @@ class AsyncResult(Future[Any]):
         self._raw: list[tuple[ResultSpec, list[Any]] | None] = [None] * self._n
         self._values: list[Any] = [_UNSET] * self._n
         self._done = 0
+        self._client = client
         self._accepted: list[bool] | None = None if sent else [False] * self._n
         self._unsent = 0 if sent else self._n  # neither acknowledged by the controller nor finished
         self._lock = threading.Lock()  # cheap; a Condition on it is made only if someone waits on it
@@ -179,6 +184,18 @@ class AsyncResult(Future[Any]):
 
     def ready(self) -> bool:
         return self.done()
+
+    @property
+    def submitted(self) -> bool:
+        """True for the handle of a submission (False for one made by ``Client.get_result``)."""
+        return self._accepted is not None
+
+    def abort(self, timeout: float = 10.0) -> list[str]:
+        """Withdraw these tasks where no engine has them yet (see ``Client.abort``); returns the ids withdrawn.
+        The others run to the end."""
+        if self._client is None:
+            raise FedparError("this AsyncResult belongs to no client")
+        return self._client.abort(self, timeout=timeout)
 
     @property
     def sent(self) -> bool:

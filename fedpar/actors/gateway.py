@@ -32,6 +32,8 @@ from fedpar.codec import Codec, Received
 from fedpar.direct import OFFER, offer_of, without_offer
 from fedpar.errors import MalformedMessage, ProtocolError, SignatureError, StoreError
 from fedpar.protocol import (
+    Abort,
+    AbortReply,
     Chunk,
     ClientHello,
     Credit,
@@ -245,6 +247,8 @@ class Gateway:
             self.relay.on_abort(ident, msg)
         elif isinstance(msg, GetResults):
             self._on_get_results(ident, rid, msg)
+        elif isinstance(msg, Abort):
+            self._reply_client(ident, AbortReply(rid, self._abort(msg.task_ids, now)))
         elif isinstance(msg, ClientHello):
             self._clients.add(ident)
             self._reply_client(ident, Welcome(rid, self.controller_id, self.registry.ids(),
@@ -325,6 +329,17 @@ class Gateway:
             self._watch(task.task_id, ident)
             accepted.append(spec.task_id)
             self.counters["submitted"] += 1
+
+    def _abort(self, task_ids: list[str], now: float) -> list[str]:
+        """Withdraw the given tasks that are still queued here: each fails with ``TaskAborted`` (recorded, and
+        sent to its watchers); one still receiving its arguments is refused with it instead."""
+        aborted = []
+        for task in self.scheduler.cancel_queued(task_ids):
+            self._fail(task, "fedpar.TaskAborted", f"task {task.task_id} was aborted before it ran", now)
+            aborted.append(task.task_id)
+        if aborted:
+            self.counters["aborted"] += len(aborted)
+        return aborted
 
     def _direct_ok(self, spec: TaskSpec) -> bool:
         """True when the engine a task names runs on the host of the client offering a direct stream."""

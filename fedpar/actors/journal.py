@@ -118,7 +118,10 @@ class Journal:
         rec = ResultRecord(res.task_id, res.ok and not delivered, res.engine, res.started, res.completed, error)
         # frame_sizes: the store records the sizes of the frames it writes
         self._results.put_result(rec, frames, streamed=streamed)
-        self._rows[task.task_id] = task_row(task, DONE if res.ok else FAILED, res.completed)
+        # (submitted in this same pass, e.g. aborted at once: the submission's row is the one to update, since
+        # the submissions are committed after the state changes)
+        rows = self._new_rows if task.task_id in self._new_rows else self._rows
+        rows[task.task_id] = task_row(task, DONE if res.ok else FAILED, res.completed)
 
     def engine(self, rec: EngineRecord) -> None:
         self._state.put_engine(rec)

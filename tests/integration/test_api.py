@@ -15,6 +15,7 @@ import time
 import cloudpickle
 import numpy as np
 import pytest
+from procutil import cluster_pids
 
 import fedpar
 from fedpar.results import AsyncResult
@@ -599,6 +600,77 @@ def test_close_right_after_submitting_loses_nothing(cluster):
         ids.append(ar.task_ids[0])
     with cluster.connect_client() as other:
         assert other.get_result(ids, block=True, timeout=30) == [3_000_000 + i for i in range(10)]
+
+
+def mark_and_return(path, i):
+    with open(path, "a") as f:  # one line per task that ran (O_APPEND: whole lines)
+        f.write(f"{i}\n")
+    return i
+
+
+def test_abort_withdraws_queued_tasks_only(cluster, client, tmp_path):
+    """Tasks still queued in the controller are withdrawn: they fail with TaskAborted, never run, and are
+    recorded failed; the ones engines already had run to the end."""
+    marks = tmp_path / "ran.txt"
+    busy = [client[e].apply_async(time.sleep, 3.0) for e in client.ids]  # both engines occupied
+    lv = client.load_balanced_view()
+    ar = lv.map_async(mark_and_return, [str(marks)] * 400, range(400), chunksize=1)
+    assert ar.wait_for_send(10)
+    aborted = ar.abort()
+    # each engine holds at most its credit (64) while busy: most of the 400 were still queued here
+    assert len(aborted) >= 400 - 2 * 64, len(aborted)
+    assert set(aborted) <= set(ar.task_ids)
+    for b in busy:
+        b.get(timeout=30)
+    assert ar.wait(30)
+    outcomes = {}
+    for tid in ar.task_ids:
+        try:
+            outcomes[tid] = client.get_result(tid, block=True, timeout=10)
+        except fedpar.TaskAborted as exc:
+            assert exc.task_id == tid and "aborted before it ran" in str(exc)
+            outcomes[tid] = None
+    assert {tid for tid, v in outcomes.items() if v is None} == set(aborted)
+    ran = {int(line) for line in marks.read_text().split()} if marks.exists() else set()
+    assert ran == {i for i, tid in enumerate(ar.task_ids) if tid not in aborted}
+    with pytest.raises(fedpar.CompositeError) as info:
+        ar.get(timeout=0)
+    assert all(isinstance(e, fedpar.TaskAborted) for e in info.value.errors)
+    recs = {r.task_id: r.state for r in client.query_tasks(states=["failed"], limit=100_000)}
+    assert all(recs.get(tid) == "failed" for tid in aborted)
+    assert client.abort(aborted) == []  # finished now: nothing left to withdraw
+    assert client.abort() == []  # nothing outstanding
+
+
+@pytest.mark.timeout(60)
+def test_abort_right_after_submitting_and_from_another_client(procs, tmp_path):
+    """With no engine every task stays queued. An abort sent right behind its submission (usually handled in
+    the same controller pass) leaves the task recorded failed, not queued; any client may abort by id, and
+    every watcher gets TaskAborted."""
+    c = fedpar.Cluster(n=0, log_dir=tmp_path / "logs")
+    try:
+        c.start()
+        procs.add(*cluster_pids(c))
+        with c.connect_client() as client, c.connect_client() as other:
+            lv = client.load_balanced_view()
+            for i in range(20):
+                ar = lv.apply_async(double, i)
+                assert client.abort(ar) == ar.task_ids
+                with pytest.raises(fedpar.TaskAborted):
+                    ar.get(timeout=10)
+            kept = lv.map_async(double, range(6), chunksize=1)
+            assert kept.wait_for_send(10)
+            watched = other.get_result(kept.task_ids[:3])
+            assert sorted(other.abort([*kept.task_ids[:3], "no-such-task"])) == sorted(kept.task_ids[:3])
+            with pytest.raises(fedpar.CompositeError):
+                watched.get(timeout=10)
+            assert client.abort() == kept.task_ids[3:]  # what this client still waits for
+            failed = {r.task_id for r in client.query_tasks(states=["failed"], limit=1000)}
+            assert not client.query_tasks(states=["queued"])  # none left queued (not even in the store)
+            assert set(kept.task_ids) <= failed and len(failed) == 26
+            assert client.status()["aborted"] == 26
+    finally:
+        c.stop()
 
 
 def test_get_result_unknown_id(client):

@@ -97,6 +97,8 @@ def sample_messages() -> list[tuple[Message, list[Any]]]:
         (protocol.TaskList(3, [["t-1", "client:a", "apply", None, "done", 0, 1.0, 1.5, 2.0, 1, 0, {}]]), []),
         (protocol.PurgeResults(["t-1", "t-2"], 12.5, False), []),
         (protocol.PurgeReply(4, 2), []),
+        (protocol.Abort(["c1f2e-3", "c1f2e-4"]), []),
+        (protocol.AbortReply(6, ["c1f2e-3"]), []),
         (StatusReply(5, "ctl-0001", EPOCH,
                      [{"id": 0, "uuid": "u-1", "host": "node1", "pid": 4242, "load": 2}],
                      3, 4, 100, 1, {"tasks_per_s": 12345.5, "uptime": 60}), []),
@@ -656,3 +658,11 @@ def test_bad_packed_table_is_rejected(table: Any) -> None:
     payload = [b"abc"]
     with pytest.raises(MalformedMessage):
         Codec(KEY, "rx").decode([b"", signer.sign(header, payload), header, *payload])
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 257, "a\x00b"])
+def test_task_id_lists_are_checked(bad: str) -> None:
+    """Requests naming tasks (get_results, abort) refuse ids the store could not hold."""
+    for cls in (GetResults, protocol.Abort):
+        with pytest.raises(MalformedMessage):
+            cls(["ok-1", bad])
