@@ -188,6 +188,12 @@ class Results(Message):
     reply_to: int = 0
 
 
+def check_task_ids(kind: str, task_ids: list[str]) -> None:
+    """Raise ``MalformedMessage`` unless every id could be a stored task's (requests that name tasks)."""
+    if not all(valid_task_id(t) for t in task_ids):
+        raise MalformedMessage(f"{kind}: every task id must be 1-256 UTF-8 bytes without NUL")
+
+
 @dataclass(frozen=True, slots=True)
 class GetResults(Message):
     """Ask for stored results by task id (served from the store, also long after completion)."""
@@ -196,8 +202,7 @@ class GetResults(Message):
     task_ids: list[str]
 
     def __post_init__(self) -> None:
-        if not all(valid_task_id(t) for t in self.task_ids):
-            raise MalformedMessage("get_results: every task id must be 1-256 UTF-8 bytes without NUL")
+        check_task_ids(self.KIND, self.task_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,8 +213,7 @@ class Abort(Message):
     task_ids: list[str]
 
     def __post_init__(self) -> None:
-        if not all(valid_task_id(t) for t in self.task_ids):
-            raise MalformedMessage("abort: every task id must be 1-256 UTF-8 bytes without NUL")
+        check_task_ids(self.KIND, self.task_ids)
 
 
 @dataclass(frozen=True, slots=True)
