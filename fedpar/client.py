@@ -5,7 +5,7 @@ coalesces queued task submissions into one ``Submit`` batch, signs, sends, and h
 waiting ``AsyncResult`` objects. Large payloads go out and come in as chunk streams (``fedpar.streams``),
 also driven by the I/O thread.
 
-(Over the 500-line soft cap, about 730 lines: ``Client`` is the public API and carries its docstrings; the
+(Over the 500-line soft cap, about 790 lines: ``Client`` is the public API and carries its docstrings; the
 stream bookkeeping that needs its own logic lives in ``streams`` and ``direct``; what remains here is the
 I/O thread's half of it, which shares the thread's socket, codec and resync state and cannot move without
 them.)
@@ -96,6 +96,13 @@ PING_INTERVAL = 1.0  # with work outstanding, ping a silent controller this ofte
 
 def _nbytes(frames: Sequence[Any]) -> int:
     return sum(memoryview(f).nbytes for f in frames)
+
+
+def _task_ids(jobs: str | Sequence[str] | AsyncResult) -> list[str]:
+    """The task ids a ``jobs`` argument names: one id, several, or an ``AsyncResult``'s."""
+    if isinstance(jobs, AsyncResult):
+        return jobs.task_ids
+    return [jobs] if isinstance(jobs, str) else list(jobs)
 
 
 class _IOThread(threading.Thread):
@@ -694,15 +701,11 @@ class Client:
         for. Tasks already sent to an engine run to the end. Returns the ids withdrawn; their results have
         arrived by the time it returns.
         """
-        if isinstance(jobs, AsyncResult):
-            ids = jobs.task_ids
-        elif isinstance(jobs, str):
-            ids = [jobs]
-        elif jobs is None:
+        if jobs is None:
             with self._wlock:
                 ids = [tid for tid, waiters in self._waiting.items() if any(ar.submitted for ar, _ in waiters)]
         else:
-            ids = list(jobs)
+            ids = _task_ids(jobs)
         if not ids:
             return []
         reply = self._request(Abort(ids), timeout)
@@ -714,12 +717,7 @@ class Client:
         """Delete finished tasks from the controller's store: given ids (or an AsyncResult's), those finished
         before ``before`` (a ``time.time()`` value), or ``everything``. Tasks still running are kept.
         Returns how many were purged."""
-        if isinstance(jobs, AsyncResult):
-            ids = jobs.task_ids
-        elif isinstance(jobs, str):
-            ids = [jobs]
-        else:
-            ids = list(jobs or [])
+        ids = _task_ids(jobs) if jobs is not None else []
         if not ids and before is None and not everything:
             raise ValueError("say what to purge: task ids, before=, or everything=True")
         reply = self._request(PurgeResults(ids, before, everything), timeout)
@@ -773,15 +771,15 @@ class Client:
 
     def _await_sent(self, timeout: float | None) -> None:
         with self._wlock:
-            unsent = {id(ar): ar for waiters in self._waiting.values() for ar, _ in waiters if not ar.sent}
+            unsent = {ar for waiters in self._waiting.values() for ar, _ in waiters if not ar.sent}
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
-        for ar in unsent.values():
+        for ar in unsent:
             while not ar.wait_for_send(0.05):
                 now = time.monotonic()  # (with tasks unacknowledged, the I/O thread pings a silent controller)
                 silent = now - max(self._io.last_heard, start) > 2 * PING_INTERVAL + 1.0
                 if silent or (deadline is not None and now >= deadline):
-                    left = sum(1 for a in unsent.values() if not a.sent)
+                    left = sum(1 for a in unsent if not a.sent)
                     log.warning("closing with %d submission(s) the controller has not confirmed (%s); they may "
                                 "not run", left, "it is silent" if silent else f"waited {timeout}s")
                     return

@@ -104,15 +104,17 @@ class AsyncResult(Future[Any]):
     def _accept(self, index: int) -> None:
         """The controller acknowledged (stored) the submission of task ``index``."""
         with self._lock:
-            self._mark_sent(index)
-
-    def _mark_sent(self, index: int) -> None:
-        accepted = self._accepted
-        if accepted is not None and not accepted[index]:
-            accepted[index] = True
-            self._unsent -= 1
-            if self._cond is not None:
+            if self._mark_sent(index) and self._cond is not None:
                 self._cond.notify_all()
+
+    def _mark_sent(self, index: int) -> bool:
+        """Count task ``index`` as sent (holding the lock); True when that changed something."""
+        accepted = self._accepted
+        if accepted is None or accepted[index]:
+            return False
+        accepted[index] = True
+        self._unsent -= 1
+        return True
 
     def _deliver(self, index: int, spec: ResultSpec, frames: list[Any]) -> None:
         with self._lock:
@@ -209,11 +211,13 @@ class AsyncResult(Future[Any]):
     def wait_for_send(self, timeout: float | None = None) -> bool:
         """Wait until ``sent`` (at most ``timeout`` seconds); True when it is. Never raises task errors."""
         with self._lock:
-            if self._unsent == 0:
-                return True
-            if self._cond is None:
-                self._cond = threading.Condition(self._lock)
-            return self._cond.wait_for(lambda: self._unsent == 0, timeout)
+            return self._unsent == 0 or self._changed().wait_for(lambda: self._unsent == 0, timeout)
+
+    def _changed(self) -> threading.Condition:
+        """The Condition on ``_lock`` that deliveries and acknowledgements notify (made on first use)."""
+        if self._cond is None:
+            self._cond = threading.Condition(self._lock)
+        return self._cond
 
     def successful(self) -> bool:
         """True when done without error (ipyparallel's name)."""
@@ -242,9 +246,7 @@ class AsyncResult(Future[Any]):
         for i in range(self._n):
             with self._lock:
                 if self._raw[i] is None:
-                    if self._cond is None:
-                        self._cond = threading.Condition(self._lock)
-                    self._cond.wait_for(lambda i=i: self._raw[i] is not None)  # type: ignore[misc]
+                    self._changed().wait_for(lambda i=i: self._raw[i] is not None)  # type: ignore[misc]
                 v = self._value_at(i)
             if self._chunked:
                 yield from v
