@@ -9,10 +9,13 @@
 See README.md and docs/guide.md.
 """
 
-from fedpar.client import Client
-from fedpar.cluster import Cluster
+from fedpar.client.client import Client
+from fedpar.client.cluster import Cluster
+from fedpar.client.executor import FedparExecutor
+from fedpar.client.results import AsyncResult
+from fedpar.client.views import DirectView, LoadBalancedView
 from fedpar.config import Config, load_config
-from fedpar.engine import Reference
+from fedpar.engine.engine import Reference
 from fedpar.errors import (
     ClusterError,
     CompositeError,
@@ -40,9 +43,6 @@ from fedpar.errors import (
     TransportError,
     UnknownEngineError,
 )
-from fedpar.executor import FedparExecutor
-from fedpar.results import AsyncResult
-from fedpar.views import DirectView, LoadBalancedView
 
 __version__ = "0.1.0"
 

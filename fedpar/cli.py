@@ -53,7 +53,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
-    from fedpar.engine import run_engine
+    from fedpar.engine.engine import run_engine
     from fedpar.runtime import read_connection_file
 
     cfg = _config(args)
@@ -63,7 +63,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_start(args: argparse.Namespace) -> int:
-    from fedpar.client import Client
+    from fedpar.client.client import Client
     from fedpar.launch.local import LocalLauncher
     from fedpar.runtime import read_connection_file, remove_connection_file, state_dir, write_connection_file
 
@@ -101,7 +101,7 @@ def cmd_cluster_start(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_stop(args: argparse.Namespace) -> int:
-    from fedpar.client import Client
+    from fedpar.client.client import Client
     from fedpar.runtime import read_connection_file, remove_connection_file
 
     cfg = _config(args)
@@ -127,7 +127,7 @@ def cmd_cluster_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_status(args: argparse.Namespace) -> int:
-    from fedpar.client import Client
+    from fedpar.client.client import Client
 
     cfg = _config(args)
     with Client(_conn_path(args, cfg), timeout=5) as client:

@@ -28,10 +28,15 @@ import zmq
 
 from fedpar.actors.journal import Journal
 from fedpar.actors.relay import Inbound, Relay
-from fedpar.codec import Codec, Received
-from fedpar.direct import OFFER, offer_of, without_offer
+from fedpar.control.recovery import Recovery
+from fedpar.control.registry import EngineRegistry
+from fedpar.control.scheduler import Scheduler, Task
 from fedpar.errors import MalformedMessage, ProtocolError, SignatureError, StoreError
-from fedpar.protocol import (
+from fedpar.store.records import FINISHED_STATES, EngineRecord, TaskRecord
+from fedpar.store.schema import STREAM_INPUT, STREAM_RESULT
+from fedpar.wire.codec import Codec, Received
+from fedpar.wire.direct import OFFER, offer_of, without_offer
+from fedpar.wire.protocol import (
     Abort,
     AbortReply,
     Chunk,
@@ -62,13 +67,8 @@ from fedpar.protocol import (
     TaskSpec,
     Welcome,
 )
-from fedpar.recovery import Recovery
-from fedpar.registry import EngineRegistry
-from fedpar.scheduler import Scheduler, Task
-from fedpar.store.records import FINISHED_STATES, EngineRecord, TaskRecord
-from fedpar.store.schema import STREAM_INPUT, STREAM_RESULT
-from fedpar.streams import DELIVERED, StreamSettings, parse_head, untrusted_chunk_sid
-from fedpar.transport import NOBLOCK, Waker, readable, recv_parts, send_parts
+from fedpar.wire.streams import DELIVERED, StreamSettings, parse_head, untrusted_chunk_sid
+from fedpar.wire.transport import NOBLOCK, Waker, readable, recv_parts, send_parts
 
 log = logging.getLogger(__name__)
 
@@ -547,7 +547,7 @@ class Gateway:
             self._to_clients[client].append((res._replace(nframes=0, stream=[fsid, sizes]), []))
 
     def _on_delivered(self, res: ResultSpec) -> None:
-        """An engine sent a large pull result straight to its client (``fedpar.direct``): finish the task,
+        """An engine sent a large pull result straight to its client (``fedpar.wire.direct``): finish the task,
         recording that the value is not kept here."""
         try:
             _, sizes = parse_head(res.stream, delivered=True)

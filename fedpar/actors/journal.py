@@ -15,13 +15,13 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from fedpar.control.scheduler import Task
 from fedpar.errors import StoreError, StoreFull
-from fedpar.protocol import ResultSpec
-from fedpar.scheduler import Task
 from fedpar.store.lmdb_store import LmdbStore
 from fedpar.store.records import ASSIGNED, DONE, FAILED, QUEUED, RUNNING, EngineRecord, ResultRecord
 from fedpar.store.schema import STREAM_INPUT
-from fedpar.streams import not_kept
+from fedpar.wire.protocol import ResultSpec
+from fedpar.wire.streams import not_kept
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,11 @@ from typing import Any
 import zmq
 
 from fedpar.actors.journal import Journal
+from fedpar.control.scheduler import Task
 from fedpar.errors import StreamCorrupted
-from fedpar.protocol import Chunk, Credit, Message, ResultSpec, StreamAbort
-from fedpar.scheduler import Task
 from fedpar.store.schema import STREAM_INPUT, STREAM_RESULT
-from fedpar.streams import Receiver, Sender, StreamSettings
+from fedpar.wire.protocol import Chunk, Credit, Message, ResultSpec, StreamAbort
+from fedpar.wire.streams import Receiver, Sender, StreamSettings
 
 log = logging.getLogger(__name__)
 

@@ -20,17 +20,17 @@ import zmq
 from fedpar.actors.gateway import Gateway
 from fedpar.actors.housekeeper import Housekeeper
 from fedpar.actors.journal import Journal
-from fedpar.codec import Codec
 from fedpar.config import Config
+from fedpar.control.registry import EngineRegistry
+from fedpar.control.scheduler import Scheduler
 from fedpar.errors import ConfigError
-from fedpar.protocol import CHUNK_BYTES
-from fedpar.registry import EngineRegistry
 from fedpar.runtime import ConnectionInfo, lock_state_dir, remove_connection_file, write_connection_file
-from fedpar.scheduler import Scheduler
-from fedpar.signing import KEY_BYTES, new_cluster_key
 from fedpar.store.lmdb_store import LmdbStore
-from fedpar.streams import StreamSettings
-from fedpar.transport import bind_router, is_loopback, publish_host
+from fedpar.wire.codec import Codec
+from fedpar.wire.protocol import CHUNK_BYTES
+from fedpar.wire.signing import KEY_BYTES, new_cluster_key
+from fedpar.wire.streams import StreamSettings
+from fedpar.wire.transport import bind_router, is_loopback, publish_host
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
-from fedpar.protocol import CHUNK_BYTES
+from fedpar.wire.protocol import CHUNK_BYTES
 
 if TYPE_CHECKING:
     import lmdb

@@ -20,7 +20,7 @@ import pytest
 from chaosutil import Proc, count_executions, read_executions, recovered_counts
 
 import fedpar
-from fedpar.protocol import TaskSpec
+from fedpar.wire.protocol import TaskSpec
 
 BATCH = 25  # tasks submitted per burst
 BURST_EVERY = 0.06  # seconds between bursts (~400 tasks/s while the controller is being killed)

@@ -13,11 +13,21 @@ import pytest
 import zmq
 
 import fedpar
-from fedpar.codec import Codec, Received
-from fedpar.protocol import Chunk, ClientHello, Credit, Message, StreamAbort, Submit, SubmitReply, TaskSpec, Welcome
 from fedpar.runtime import ConnectionInfo
-from fedpar.streams import Sender, frame_size, memory_source
-from fedpar.transport import connect_dealer, send_parts
+from fedpar.wire.codec import Codec, Received
+from fedpar.wire.protocol import (
+    Chunk,
+    ClientHello,
+    Credit,
+    Message,
+    StreamAbort,
+    Submit,
+    SubmitReply,
+    TaskSpec,
+    Welcome,
+)
+from fedpar.wire.streams import Sender, frame_size, memory_source
+from fedpar.wire.transport import connect_dealer, send_parts
 
 _counter = itertools.count(1)
 

@@ -18,7 +18,7 @@ import pytest
 from procutil import cluster_pids
 
 import fedpar
-from fedpar.results import AsyncResult
+from fedpar.client.results import AsyncResult
 
 # engines cannot import this test module: ship its functions by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -850,7 +850,7 @@ def test_remote_builtin_exceptions_and_base_exceptions(client):
 
 
 class _OsWithWakeDuringRead:
-    """Stands in for ``os`` inside ``fedpar.transport``: the first read of the waker's pipe is preceded
+    """Stands in for ``os`` inside ``fedpar.wire.transport``: the first read of the waker's pipe is preceded
     by a ``wake()``, exactly as if a user thread queued a message while the I/O thread was inside
     ``Waker.drain`` (after ``_armed = False``, before the read), which a GIL switch can cause."""
 
@@ -871,11 +871,11 @@ class _OsWithWakeDuringRead:
 # Regression: transport.Waker.drain() cleared _armed before reading the pipe; a wake() in between was
 # consumed while _armed stayed True, so every later wake() was skipped and the client hung for good.
 def test_client_survives_wake_during_drain(cluster, monkeypatch):
-    import fedpar.transport
+    import fedpar.wire.transport
 
     client = cluster.connect_client()
     try:
-        monkeypatch.setattr(fedpar.transport, "os", _OsWithWakeDuringRead(client._io.waker))
+        monkeypatch.setattr(fedpar.wire.transport, "os", _OsWithWakeDuringRead(client._io.waker))
         assert client.status(timeout=3)["controller"] == client.controller_id  # the racy drain
         assert client.status(timeout=3)["controller"] == client.controller_id  # hangs with the bug
     finally:

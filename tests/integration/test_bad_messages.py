@@ -2,7 +2,7 @@
 without a reply, and the controller keeps serving normal clients.
 
 Raw zmq DEALER sockets talk to the endpoints of ``cluster.info``; valid messages are built with
-``fedpar.codec.Codec`` and hand-made ones are signed with its ``signer``.
+``fedpar.wire.codec.Codec`` and hand-made ones are signed with its ``signer``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import zmq
 from procutil import assert_no_procs
 
 import fedpar
-from fedpar.codec import Codec
-from fedpar.protocol import (
+from fedpar.wire.codec import Codec
+from fedpar.wire.protocol import (
     PROTOCOL_VERSION,
     ClientHello,
     EngineStop,
@@ -222,7 +222,7 @@ def test_message_signed_with_another_key(raw, client, key):
     # and on the engine socket: an engine with the wrong key cannot register
     e = raw.engine_dealer()
     hello_codec = Codec(os.urandom(32), "engine:intruder:t")
-    from fedpar.protocol import EngineHello
+    from fedpar.wire.protocol import EngineHello
 
     e.send_multipart(hello_codec.encode(EngineHello("intruder", "evil-host", 1, b"t:intruder"))[0])
     expect_drops(client, before, {"SignatureError": 5})

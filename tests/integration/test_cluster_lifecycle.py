@@ -239,7 +239,7 @@ def test_close_does_not_wait_for_a_silent_controller(procs, tmp_path, caplog):
         try:
             ar = client.load_balanced_view().apply_async(len, b"abc")
             t0 = time.monotonic()
-            with caplog.at_level(logging.WARNING, logger="fedpar.client"):
+            with caplog.at_level(logging.WARNING, logger="fedpar.client.client"):
                 client.close(timeout=30)
             took = time.monotonic() - t0
         finally:

@@ -1,4 +1,4 @@
-"""Direct streams (``fedpar.direct``): a client and an engine on one host exchange large payloads over a
+"""Direct streams (``fedpar.wire.direct``): a client and an engine on one host exchange large payloads over a
 unix socket; the controller brokers the task but never carries the bytes.
 
 Real controller and engine processes; a 1 MiB stream threshold and a 3 s stream timeout. The controller's
@@ -27,14 +27,14 @@ from procutil import connected_client, running_cluster
 from streamutil import RawClient, accepted, assert_same, stats, wait_until
 
 import fedpar
-from fedpar.codec import Codec, Received
 from fedpar.config import Config, ControllerConfig, StreamConfig
-from fedpar.direct import OFFER
 from fedpar.errors import EngineError, ResultNotFound, StreamAborted, StreamCorrupted, StreamTimeout
-from fedpar.payload import dumps, dumps_result
-from fedpar.protocol import Chunk, Credit, Results, StreamAbort, Submit, TaskSpec
-from fedpar.streams import layout, memory_source, should_stream
-from fedpar.transport import bind_ipc_router, send_parts
+from fedpar.wire.codec import Codec, Received
+from fedpar.wire.direct import OFFER
+from fedpar.wire.payload import dumps, dumps_result
+from fedpar.wire.protocol import Chunk, Credit, Results, StreamAbort, Submit, TaskSpec
+from fedpar.wire.streams import layout, memory_source, should_stream
+from fedpar.wire.transport import bind_ipc_router, send_parts
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -414,7 +414,7 @@ def test_engine_killed_during_direct_push(lossy_cluster, monkeypatch) -> None:
     """The engine dies while the client streams it a push directly (sends slowed to ~20 ms per chunk): the
     push fails with EngineError once the controller declares it lost; the client drops the upload; the
     other engine is unaffected."""
-    import fedpar.direct as direct
+    import fedpar.wire.direct as direct
 
     def slow_source(frames: list[Any]) -> Any:
         src = memory_source(frames)

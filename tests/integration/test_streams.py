@@ -9,7 +9,7 @@ and checked against the controller's counters (``streams_in``/``streams_out`` co
 
 Interruptions are made deterministic by slowing one end down inside its own process (a subprocess
 client whose I/O thread sleeps per chunk or per credit; an engine whose task patches how it reads its
-result's chunks), never by racing a fast transfer. Raw protocol tests use ``fedpar.codec.Codec`` on
+result's chunks), never by racing a fast transfer. Raw protocol tests use ``fedpar.wire.codec.Codec`` on
 zmq DEALER sockets; the client's download checks run against a fake controller (a ROUTER in a thread).
 """
 
@@ -34,10 +34,12 @@ from procutil import connected_client, read_json_line, running_cluster
 from streamutil import RawClient, aborted, accepted, assert_same, rejected, stats, wait_until
 
 import fedpar
-from fedpar.codec import Codec, Received
+from fedpar.client.views import _apply_frames
 from fedpar.config import Config, ControllerConfig, StreamConfig
-from fedpar.payload import dumps, dumps_result
-from fedpar.protocol import (
+from fedpar.runtime import ConnectionInfo
+from fedpar.wire.codec import Codec, Received
+from fedpar.wire.payload import dumps, dumps_result
+from fedpar.wire.protocol import (
     CHUNK_BYTES,
     Chunk,
     ClientHello,
@@ -50,10 +52,8 @@ from fedpar.protocol import (
     SubmitReply,
     Welcome,
 )
-from fedpar.runtime import ConnectionInfo
-from fedpar.streams import Sender, frame_size, memory_source, should_stream
-from fedpar.transport import send_parts
-from fedpar.views import _apply_frames
+from fedpar.wire.streams import Sender, frame_size, memory_source, should_stream
+from fedpar.wire.transport import send_parts
 
 # engines cannot import this test module: ship its functions by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -88,13 +88,13 @@ def checksum(a):
 
 def throttled_ones(nbytes, delay):
     """Runs on an engine: ``nbytes`` of float64 ones, with this result's stream slowed down to one chunk per
-    ``delay`` seconds (the engine reads a result's chunks through ``fedpar.engine.memory_source``, which is
+    ``delay`` seconds (the engine reads a result's chunks through ``fedpar.engine.engine.memory_source``, which is
     patched for the next streamed result only)."""
-    import fedpar.engine
-    from fedpar.streams import memory_source
+    import fedpar.engine.engine
+    from fedpar.wire.streams import memory_source
 
     def slow_source(frames):
-        fedpar.engine.memory_source = memory_source  # this result only
+        fedpar.engine.engine.memory_source = memory_source  # this result only
         read = memory_source(frames)
 
         def source(*where):
@@ -103,7 +103,7 @@ def throttled_ones(nbytes, delay):
 
         return source
 
-    fedpar.engine.memory_source = slow_source
+    fedpar.engine.engine.memory_source = slow_source
     return np.ones(nbytes // 8)
 
 
@@ -427,8 +427,8 @@ CLIENT_SCRIPT = r"""
 import json, sys, time
 import numpy as np
 import fedpar
-import fedpar.client as fc
-from fedpar.protocol import Chunk, Credit
+import fedpar.client.client as fc
+from fedpar.wire.protocol import Chunk, Credit
 
 cf, mode, delay, arg, target = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5]
 slowed = Chunk if mode == "upload" else Credit

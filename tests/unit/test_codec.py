@@ -1,4 +1,4 @@
-"""Tests for fedpar.codec + fedpar.protocol: round trips of every kind, envelope, and every rejection path."""
+"""Tests for fedpar.wire.codec + fedpar.wire.protocol: round trips of every kind, envelope, and every rejection path."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import msgpack
 import pytest
 import zmq
 
-from fedpar import protocol
-from fedpar.codec import MAX_HEADER_BYTES, Codec, Envelope, Received
 from fedpar.errors import MalformedMessage, ProtocolError, ReplayError, SignatureError
-from fedpar.payload import dumps
-from fedpar.protocol import (
+from fedpar.wire import protocol
+from fedpar.wire.codec import MAX_HEADER_BYTES, Codec, Envelope, Received
+from fedpar.wire.payload import dumps
+from fedpar.wire.protocol import (
     ENVELOPE_KEYS,
     KINDS,
     PROTOCOL_VERSION,
@@ -41,7 +41,7 @@ from fedpar.protocol import (
     Welcome,
     payload_frame_count,
 )
-from fedpar.signing import MAC_BYTES, Signer
+from fedpar.wire.signing import MAC_BYTES, Signer
 
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32
@@ -634,7 +634,7 @@ def test_get_results_task_ids_are_validated(rx: Codec, tid: str) -> None:
 
 # --------------------------------------------------------------------------- packed small frames
 def test_small_frames_travel_packed_and_come_back_apart() -> None:
-    from fedpar.codec import PACK_FRAME_LIMIT
+    from fedpar.wire.codec import PACK_FRAME_LIMIT
 
     tx, rx_ = Codec(KEY, "packer"), Codec(KEY, "unpacker")
     frames = [b"a", b"", b"bc" * 10, bytearray(b"xyz"), memoryview(b"m" * 100)]

@@ -1,4 +1,4 @@
-"""``fedpar.direct``: the client's ``ClientLink`` and the engine's ``EngineLinks`` on real zmq sockets in one
+"""``fedpar.wire.direct``: the client's ``ClientLink`` and the engine's ``EngineLinks`` on real zmq sockets in one
 process (an engine played by hand on a DEALER), plus the offer rules."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import zmq
 
-from fedpar.codec import Codec
-from fedpar.direct import OFFER, ClientLink, EngineLinks, offer_of, wants_direct, without_offer
-from fedpar.protocol import CHUNK_BYTES, Chunk, Credit, Results, ResultSpec, StreamAbort
-from fedpar.streams import DELIVERED, StreamSettings, layout, memory_source
-from fedpar.transport import connect_dealer, send_parts
+from fedpar.wire.codec import Codec
+from fedpar.wire.direct import OFFER, ClientLink, EngineLinks, offer_of, wants_direct, without_offer
+from fedpar.wire.protocol import CHUNK_BYTES, Chunk, Credit, Results, ResultSpec, StreamAbort
+from fedpar.wire.streams import DELIVERED, StreamSettings, layout, memory_source
+from fedpar.wire.transport import connect_dealer, send_parts
 
 KEY = b"k" * 32
 SETTINGS = StreamSettings(threshold=1 << 20, window=4, timeout=0.5)

@@ -1,4 +1,4 @@
-"""Tests for fedpar.payload: pickle-5 frames with out-of-band buffers, function pickle caches, exceptions."""
+"""Tests for fedpar.wire.payload: pickle-5 frames with out-of-band buffers, function pickle caches, exceptions."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import cloudpickle
 import pytest
 
-from fedpar.payload import (
+from fedpar.wire.payload import (
     FunctionCache,
     FunctionPickles,
     describe_exception,

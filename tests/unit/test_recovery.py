@@ -1,8 +1,8 @@
-"""fedpar.recovery: what a restarted controller does with the unfinished tasks in its store."""
+"""fedpar.control.recovery: what a restarted controller does with the unfinished tasks in its store."""
 
 from __future__ import annotations
 
-from fedpar.recovery import Recovery, task_from_record
+from fedpar.control.recovery import Recovery, task_from_record
 from fedpar.store.records import ASSIGNED, QUEUED, RUNNING, TaskRecord
 
 

@@ -1,4 +1,4 @@
-"""Tests for fedpar.results.AsyncResult without a cluster: results are fed through ``_deliver``."""
+"""Tests for fedpar.client.results.AsyncResult without a cluster: results are fed through ``_deliver``."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 import fedpar
+from fedpar.client.results import AsyncResult, as_list, concat, error_from_spec, first
 from fedpar.errors import CompositeError, EngineError, FedparError, RemoteError, TaskAborted
-from fedpar.payload import dumps
-from fedpar.protocol import ResultSpec
-from fedpar.results import AsyncResult, as_list, concat, error_from_spec, first
+from fedpar.wire.payload import dumps
+from fedpar.wire.protocol import ResultSpec
 
 np = pytest.importorskip("numpy")
 
@@ -317,7 +317,7 @@ def test_fedpar_error_specs(ename: str, cls: type[FedparError]) -> None:
 
 
 def test_unknown_fedpar_names_and_user_errors_are_remote_errors() -> None:
-    for ename in ("fedpar.NoSuchThing", "fedpar.results", "mylib.EngineError", "EngineError"):
+    for ename in ("fedpar.NoSuchThing", "fedpar.client.results", "mylib.EngineError", "EngineError"):
         err = error_from_spec(ResultSpec("t", False, 1, None, 0.0, [ename, "v", "tb"], 0))
         assert type(err) is RemoteError and err.ename == ename
 

@@ -32,7 +32,7 @@ from fedpar.runtime import (
     state_dir_holder,
     write_connection_file,
 )
-from fedpar.signing import new_cluster_key
+from fedpar.wire.signing import new_cluster_key
 
 
 def mode(path: Path) -> int:

@@ -1,4 +1,4 @@
-"""Tests for the pure state machines fedpar.scheduler.Scheduler and fedpar.registry.EngineRegistry."""
+"""Tests for the pure state machines fedpar.control.scheduler.Scheduler and fedpar.control.registry.EngineRegistry."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from fedpar.registry import EngineRegistry
-from fedpar.scheduler import INITIAL_CREDIT, MAX_CREDIT, PIPELINE_SECONDS, Scheduler, Task
+from fedpar.control.registry import EngineRegistry
+from fedpar.control.scheduler import INITIAL_CREDIT, MAX_CREDIT, PIPELINE_SECONDS, Scheduler, Task
 
 _ids = itertools.count()
 

@@ -1,4 +1,4 @@
-"""Tests for fedpar.signing: key derivation, the message MAC over header + every frame, the replay guard."""
+"""Tests for fedpar.wire.signing: key derivation, the message MAC over header + every frame, the replay guard."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from fedpar.errors import FedparError, ProtocolError, ReplayError, SignatureError
-from fedpar.signing import (
+from fedpar.wire.signing import (
     KEY_BYTES,
     MAC_BYTES,
     MESSAGE_MAC_INFO,

@@ -15,11 +15,11 @@ import pytest
 
 from fedpar.errors import StoreError
 from fedpar.launch.controller import drop_partial_streams
-from fedpar.protocol import CHUNK_BYTES
 from fedpar.store import schema
 from fedpar.store.lmdb_store import LmdbStore
 from fedpar.store.records import DONE, FAILED, QUEUED, ResultRecord, TaskRecord
-from fedpar.streams import layout
+from fedpar.wire.protocol import CHUNK_BYTES
+from fedpar.wire.streams import layout
 
 MiB = 1 << 20
 INPUT, RESULT = schema.STREAM_INPUT, schema.STREAM_RESULT

@@ -1,4 +1,4 @@
-"""Tests for fedpar.streams (pure stream bookkeeping: layout, heads, Sender, Receiver) and the [stream] config."""
+"""Tests for fedpar.wire.streams (pure stream bookkeeping: layout, heads, Sender, Receiver) and the [stream] config."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import zmq
 
-from fedpar.codec import Codec
 from fedpar.config import CONFIG_ENV, Config, StreamConfig, load_config
 from fedpar.errors import ConfigError, MalformedMessage, StreamCorrupted, StreamError
-from fedpar.payload import dumps, loads
-from fedpar.protocol import CHUNK_BYTES, MAX_FRAMES, Chunk, Credit
-from fedpar.streams import (
+from fedpar.wire.codec import Codec
+from fedpar.wire.payload import dumps, loads
+from fedpar.wire.protocol import CHUNK_BYTES, MAX_FRAMES, Chunk, Credit
+from fedpar.wire.streams import (
     MAX_STREAM_BYTES,
     Receiver,
     Sender,

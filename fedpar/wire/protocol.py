@@ -80,7 +80,7 @@ class ResultSpec(NamedTuple):
 
     ``error`` is ``[type name, message, traceback text]`` when ``ok`` is false; frames then are empty.
     ``stream`` is ``[stream id, frame sizes]`` when the payload follows as a chunk stream (``nframes``
-    is then 0; see ``fedpar.streams``).
+    is then 0; see ``fedpar.wire.streams``).
     """
 
     task_id: str
@@ -379,7 +379,7 @@ class EngineStop(Message):
 # streams (any direction) -----------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Chunk(Message):
-    """Chunk ``index`` of stream ``sid``: its single payload frame holds the bytes (see ``fedpar.streams``)."""
+    """Chunk ``index`` of stream ``sid``: its single payload frame holds the bytes (see ``fedpar.wire.streams``)."""
 
     KIND: ClassVar[str] = "chunk"
     sid: int

@@ -2,7 +2,7 @@
 
 User threads never touch the socket: they queue outgoing messages and wake the I/O thread, which
 coalesces queued task submissions into one ``Submit`` batch, signs, sends, and hands results to the
-waiting ``AsyncResult`` objects. Large payloads go out and come in as chunk streams (``fedpar.streams``),
+waiting ``AsyncResult`` objects. Large payloads go out and come in as chunk streams (``fedpar.wire.streams``),
 also driven by the I/O thread.
 
 (Over the 500-line soft cap, about 790 lines: ``Client`` is the public API and carries its docstrings; the
@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from fedpar.codec import Codec, Received
-from fedpar.direct import OFFER, ClientLink, wants_direct
+from fedpar.client.results import AsyncResult, as_list, first
 from fedpar.errors import (
     ControllerUnavailable,
     FedparError,
@@ -42,7 +41,11 @@ from fedpar.errors import (
     TimeoutError,
     UnknownEngineError,
 )
-from fedpar.protocol import (
+from fedpar.runtime import ConnectionInfo, read_connection_file
+from fedpar.store.records import TaskRecord
+from fedpar.wire.codec import Codec, Received
+from fedpar.wire.direct import OFFER, ClientLink, wants_direct
+from fedpar.wire.protocol import (
     Abort,
     AbortReply,
     Chunk,
@@ -68,10 +71,7 @@ from fedpar.protocol import (
     TaskSpec,
     Welcome,
 )
-from fedpar.results import AsyncResult, as_list, first
-from fedpar.runtime import ConnectionInfo, read_connection_file
-from fedpar.store.records import TaskRecord
-from fedpar.streams import (
+from fedpar.wire.streams import (
     Receiver,
     Sender,
     StreamSettings,
@@ -81,11 +81,11 @@ from fedpar.streams import (
     should_stream,
     untrusted_chunk_sid,
 )
-from fedpar.transport import NOBLOCK, Waker, connect_dealer, readable, recv_parts, send_parts
+from fedpar.wire.transport import NOBLOCK, Waker, connect_dealer, readable, recv_parts, send_parts
 
 if TYPE_CHECKING:
-    from fedpar.executor import FedparExecutor
-    from fedpar.views import DirectView, LoadBalancedView
+    from fedpar.client.executor import FedparExecutor
+    from fedpar.client.views import DirectView, LoadBalancedView
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class _IOThread(threading.Thread):
 
     def _close_upload(self, task_id: str, acked: bool = False) -> None:
         """Forget an upload. On its acknowledgement an upload the controller took no chunk of goes direct: the
-        arguments stay on offer to the engine (``fedpar.direct``) until the task's outcome arrives."""
+        arguments stay on offer to the engine (``fedpar.wire.direct``) until the task's outcome arrives."""
         sid = self.upload_of.pop(task_id, None)
         if sid is not None:
             got = self.senders.pop(sid, None)
@@ -301,7 +301,7 @@ class _IOThread(threading.Thread):
         if self.link is not None:
             self.link.drop_upload(task_id)
 
-    # ------------------------------------------------------------------ direct streams (fedpar.direct)
+    # ------------------------------------------------------------------ direct streams (fedpar.wire.direct)
     def _offer(self, spec: TaskSpec) -> TaskSpec:
         """``spec`` with this client's direct-stream offer (binding its socket the first time), or without."""
         if self.link is None:
@@ -618,7 +618,7 @@ class Client:
             return sorted(self._engines)
 
     def __getitem__(self, key: int | slice | Sequence[int]) -> DirectView:
-        from fedpar.views import DirectView
+        from fedpar.client.views import DirectView
 
         if isinstance(key, int):
             if key not in self.ids:
@@ -636,19 +636,19 @@ class Client:
 
     def direct_view(self, targets: int | Sequence[int] | str = "all") -> DirectView:
         """A ``DirectView`` on ``targets`` (``"all"`` follows engines as they come and go)."""
-        from fedpar.views import DirectView
+        from fedpar.client.views import DirectView
 
         return DirectView(self, targets if isinstance(targets, (int, str)) else list(targets))
 
     def load_balanced_view(self, targets: None = None, *, retries: int = 0) -> LoadBalancedView:
         """A view that sends each task to whichever engine is free first."""
-        from fedpar.views import LoadBalancedView
+        from fedpar.client.views import LoadBalancedView
 
         return LoadBalancedView(self, retries=retries)
 
     def executor(self, *, retries: int = 0) -> FedparExecutor:
         """A ``concurrent.futures.Executor`` running on the load-balanced view."""
-        from fedpar.executor import FedparExecutor
+        from fedpar.client.executor import FedparExecutor
 
         return FedparExecutor(self.load_balanced_view(retries=retries))
 

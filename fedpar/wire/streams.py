@@ -30,10 +30,10 @@ from typing import Any
 import msgpack
 
 from fedpar.errors import MalformedMessage, StreamCorrupted
-from fedpar.protocol import CHUNK_BYTES, MAX_FRAMES
+from fedpar.wire.protocol import CHUNK_BYTES, MAX_FRAMES
 
 MAX_STREAM_BYTES = 1 << 40  # largest payload a stream head may announce (1 TiB)
-DELIVERED = -1  # stream id of a result head saying: the payload went straight to the client (fedpar.direct)
+DELIVERED = -1  # stream id of a result head saying: the payload went straight to the client (fedpar.wire.direct)
 
 Source = Callable[[int, int, int, int], Any]  # (frame, chunk, offset in frame, length) -> buffer
 Sink = Callable[[int, int, int, Any], None]  # (frame, chunk, offset in frame, data) -> None
@@ -52,7 +52,7 @@ class StreamSettings:
     threshold: int = 4 << 20  # payloads larger than this many bytes are streamed
     window: int = 8  # chunks of credit granted beyond what the receiver consumed
     timeout: float = 30.0  # seconds without progress before a stream is abandoned
-    direct: bool = True  # client and engine on one host: payloads go straight between them (``fedpar.direct``)
+    direct: bool = True  # client and engine on one host: payloads go straight between them (``fedpar.wire.direct``)
 
     def to_wire(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "window": self.window, "timeout": self.timeout, "direct": self.direct}

@@ -8,11 +8,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
+from fedpar.client.results import AsyncResult
 from fedpar.errors import TimeoutError
-from fedpar.results import AsyncResult
 
 if TYPE_CHECKING:
-    from fedpar.views import View
+    from fedpar.client.views import View
 
 
 class FedparExecutor(Executor):

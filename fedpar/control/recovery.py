@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fedpar.scheduler import Task
+from fedpar.control.scheduler import Task
 from fedpar.store.records import ASSIGNED, QUEUED, RUNNING, TaskRecord
 
 

@@ -19,13 +19,13 @@ from typing import Any, NamedTuple
 import msgpack
 
 from fedpar.errors import MalformedMessage
-from fedpar.protocol import (
+from fedpar.wire.protocol import (
     PROTOCOL_VERSION,
     Message,
     message_from_header,
     payload_frame_count,
 )
-from fedpar.signing import MAC_BYTES, Buffer, ReplayGuard, Signer
+from fedpar.wire.signing import MAC_BYTES, Buffer, ReplayGuard, Signer
 
 MAX_HEADER_BYTES = 4 << 20
 MAX_PARTS = 1 << 16

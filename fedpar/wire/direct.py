@@ -15,7 +15,7 @@ the bytes skip it:
   and the payload streams through it as usual), records and acknowledges the task at once, and dispatches
   it with the offer and the client's stream head.
 * The engine, when it reaches the task, connects a DEALER to the offered endpoint and runs the ordinary
-  stream protocol (``fedpar.streams``) over it: it grants credit, the client sends chunks. A large pull
+  stream protocol (``fedpar.wire.streams``) over it: it grants credit, the client sends chunks. A large pull
   result goes the other way: head and chunks to the client, which acknowledges the whole (a last ``Credit``
   after the last chunk); then the engine tells the controller the result was ``DELIVERED`` (the controller
   records that the value is not kept: ``get_result`` from elsewhere gets ``ResultNotFound`` saying so). If the
@@ -41,10 +41,10 @@ from typing import Any
 
 import zmq
 
-from fedpar.codec import Codec
 from fedpar.errors import ProtocolError, StreamCorrupted
-from fedpar.protocol import Chunk, Credit, Message, Results, ResultSpec, StreamAbort
-from fedpar.streams import (
+from fedpar.wire.codec import Codec
+from fedpar.wire.protocol import Chunk, Credit, Message, Results, ResultSpec, StreamAbort
+from fedpar.wire.streams import (
     DELIVERED,
     Receiver,
     Sender,
@@ -54,7 +54,7 @@ from fedpar.streams import (
     parse_head,
     untrusted_chunk_sid,
 )
-from fedpar.transport import bind_ipc_router, connect_dealer, send_parts
+from fedpar.wire.transport import bind_ipc_router, connect_dealer, send_parts
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from fedpar import errors
 from fedpar.errors import CompositeError, FedparError, RemoteError, TaskError, TimeoutError
-from fedpar.payload import loads
-from fedpar.protocol import ResultSpec
+from fedpar.wire.payload import loads
+from fedpar.wire.protocol import ResultSpec
 
 if TYPE_CHECKING:
-    from fedpar.client import Client
+    from fedpar.client.client import Client
 
 _UNSET = object()
 Reducer = Callable[[list[Any]], Any]

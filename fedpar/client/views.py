@@ -17,12 +17,12 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from fedpar.client.results import AsyncResult, as_list, concat, first
 from fedpar.errors import NoEnginesError
-from fedpar.payload import FunctionPickles, dumps
-from fedpar.results import AsyncResult, as_list, concat, first
+from fedpar.wire.payload import FunctionPickles, dumps
 
 if TYPE_CHECKING:
-    from fedpar.client import Client
+    from fedpar.client.client import Client
 
 _PICKLES = FunctionPickles()
 _NO_ARGS = dumps(((), {}))

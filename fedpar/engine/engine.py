@@ -27,8 +27,6 @@ from typing import Any
 
 import zmq
 
-from fedpar.codec import Codec, Received
-from fedpar.direct import OFFER, EngineLinks
 from fedpar.errors import (
     ControllerUnavailable,
     ProtocolError,
@@ -37,8 +35,11 @@ from fedpar.errors import (
     StreamError,
     StreamTimeout,
 )
-from fedpar.payload import FunctionCache, describe_exception, dumps, dumps_result, loads
-from fedpar.protocol import (
+from fedpar.runtime import ConnectionInfo
+from fedpar.wire.codec import Codec, Received
+from fedpar.wire.direct import OFFER, EngineLinks
+from fedpar.wire.payload import FunctionCache, describe_exception, dumps, dumps_result, loads
+from fedpar.wire.protocol import (
     Chunk,
     Credit,
     EngineHello,
@@ -50,8 +51,7 @@ from fedpar.protocol import (
     StreamAbort,
     Tasks,
 )
-from fedpar.runtime import ConnectionInfo
-from fedpar.streams import (
+from fedpar.wire.streams import (
     DELIVERED,
     Receiver,
     Sender,
@@ -62,7 +62,7 @@ from fedpar.streams import (
     should_stream,
     untrusted_chunk_sid,
 )
-from fedpar.transport import connect_dealer, readable, recv_parts, send_parts
+from fedpar.wire.transport import connect_dealer, readable, recv_parts, send_parts
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Engine:
         self._stream = StreamSettings()  # the cluster's, from the controller's welcome
         self._sids = itertools.count(1)
         self._backlog: deque[Received] = deque()  # messages read while a stream was in progress
-        self._links = EngineLinks(self._ctx, f"d:{self.uuid}".encode())  # direct streams (fedpar.direct)
+        self._links = EngineLinks(self._ctx, f"d:{self.uuid}".encode())  # direct streams (fedpar.wire.direct)
 
     # ------------------------------------------------------------------ main thread
     def run(self, register_timeout: float = 30.0) -> int:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fedpar.client import Client
+from fedpar.client.client import Client
 from fedpar.config import Config, load_config
 from fedpar.errors import ClusterError, FedparError
 from fedpar.launch.local import LocalLauncher
