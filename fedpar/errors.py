@@ -12,6 +12,8 @@ Hierarchy::
     ├── TransportError              sockets could not bind / connect
     ├── TimeoutError                a wait ran past its deadline (also a builtin TimeoutError)
     ├── ControllerUnavailable       the controller does not answer
+    ├── DiscoveryError              the discovery registry (lmdb, etcd, consul) failed or refused
+    │   └── RegistryUnavailable     the registry cannot be reached
     ├── NoEnginesError              work needs engines and none are registered
     ├── UnknownEngineError          a direct request named an engine that is not registered
     ├── TaskError                   base of failures attached to one task
@@ -19,6 +21,7 @@ Hierarchy::
     │   ├── EngineError             the engine running the task died or was lost
     │   ├── TaskAborted             the task was cancelled before it ran
     │   ├── ResultNotFound          no such task id in the controller's store
+    │   ├── ResultUnavailable       the result is stored by a controller that is down
     │   └── StreamError             a large payload's chunk stream failed (nothing partial is kept)
     │       ├── StreamTimeout       the sender stalled or died mid-stream
     │       ├── StreamCorrupted     a chunk failed authentication or broke the announced layout
@@ -73,6 +76,15 @@ class TimeoutError(FedparError, builtins.TimeoutError):
 
 class ControllerUnavailable(FedparError):
     """The controller did not answer; check that it runs and that the connection file is current."""
+
+
+class DiscoveryError(FedparError):
+    """The discovery registry through which controllers find each other failed or refused a request
+    (a bad URL, a missing backend library, an ACL refusal, a registration that could not be kept)."""
+
+
+class RegistryUnavailable(DiscoveryError):
+    """The discovery registry cannot be reached: check its URL, that it runs, and the network to it."""
 
 
 class NoEnginesError(FedparError):
@@ -138,6 +150,11 @@ class TaskAborted(TaskError):
 
 class ResultNotFound(TaskError):
     """The controller's store holds no task with this id (never submitted, or purged)."""
+
+
+class ResultUnavailable(TaskError):
+    """No live controller holds the result, and a controller that may hold it is down: the result comes
+    back when a controller runs on that controller's state directory again."""
 
 
 class StreamError(TaskError):

@@ -42,6 +42,7 @@ EXPECTED_PARENTS = {
     "CompositeError": FedparError, "StoreError": FedparError, "StoreFull": StoreError,
     "ClusterError": FedparError, "StreamError": TaskError, "StreamTimeout": errors.StreamError,
     "StreamCorrupted": errors.StreamError, "StreamAborted": errors.StreamError,
+    "DiscoveryError": FedparError, "RegistryUnavailable": errors.DiscoveryError, "ResultUnavailable": TaskError,
 }
 
 

@@ -4,12 +4,11 @@ import fedpar
 
 PUBLIC = [
     "AsyncResult", "Client", "Cluster", "ClusterError", "CompositeError", "Config", "ConfigError",
-    "ConnectionFileError", "ControllerUnavailable", "DirectView", "EngineError", "FedparError",
+    "ConnectionFileError", "ControllerUnavailable", "DirectView", "DiscoveryError", "EngineError", "FedparError",
     "FedparExecutor", "LoadBalancedView", "MalformedMessage", "NoEnginesError", "ProtocolError", "Reference",
-    "RemoteError", "ReplayError", "ResultNotFound", "SignatureError", "StoreError", "StoreFull",
-    "StreamAborted", "StreamCorrupted", "StreamError", "StreamTimeout",
-    "TaskAborted", "TaskError", "TimeoutError", "TransportError", "UnknownEngineError", "__version__",
-    "load_config",
+    "RegistryUnavailable", "RemoteError", "ReplayError", "ResultNotFound", "ResultUnavailable", "SignatureError",
+    "StoreError", "StoreFull", "StreamAborted", "StreamCorrupted", "StreamError", "StreamTimeout", "TaskAborted",
+    "TaskError", "TimeoutError", "TransportError", "UnknownEngineError", "__version__", "load_config",
 ]
 
 
