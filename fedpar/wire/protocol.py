@@ -150,13 +150,35 @@ class ClientHello(Message):
 
 @dataclass(frozen=True, slots=True)
 class Welcome(Message):
-    """The controller's answer to ``ClientHello``: who it is and which engines are up."""
+    """The controller's answer to ``ClientHello``: who it is, which engines it owns, how many load-balanced
+    tasks it wants outstanding (``capacity``), and the federation as it sees it (``membership``)."""
 
     KIND: ClassVar[str] = "welcome"
     reply_to: int
     controller: str
     engines: list[int]
     stream: dict[str, Any] = field(default_factory=dict)  # the cluster's stream settings (threshold, ...)
+    capacity: int = 0
+    membership: dict[str, Any] = field(default_factory=dict)  # fedpar.federation.membership.View.to_wire()
+    pid: int = 0
+    host: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipRequest(Message):
+    """Ask a controller for its view of the federation (engines looking for a new home, clients)."""
+
+    KIND: ClassVar[str] = "membership_request"
+
+
+@dataclass(frozen=True, slots=True)
+class Membership(Message):
+    """A controller's view of the federation (``View.to_wire()``): pushed to its clients and engines when it
+    changes, and the answer to ``MembershipRequest``."""
+
+    KIND: ClassVar[str] = "membership"
+    view: dict[str, Any]
+    reply_to: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +198,7 @@ class SubmitReply(Message):
     reply_to: int
     accepted: list[str]
     rejected: list[list[str]]
+    capacity: int = -1  # the load-balanced tasks the controller wants outstanding from a client (-1: unchanged)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +209,7 @@ class Results(Message):
     results: list[ResultSpec]
     missing: list[str] = field(default_factory=list)
     reply_to: int = 0
+    capacity: int = -1  # as in SubmitReply (controller -> client only)
 
 
 def check_task_ids(kind: str, task_ids: list[str]) -> None:
@@ -286,6 +310,8 @@ class StatusReply(Message):
     done: int
     failed: int
     stats: dict[str, Any]
+    pid: int = 0
+    host: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +321,7 @@ class EngineEvent(Message):
     KIND: ClassVar[str] = "engine_event"
     registered: list[int]
     unregistered: list[int]
+    moved: list[int] = field(default_factory=list)  # left this controller for another one: not gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +354,12 @@ class ErrorReply(Message):
 # engine <-> controller -------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class EngineHello(Message):
-    """An engine registers. ``task_identity`` is the zmq identity of its task socket."""
+    """An engine registers. ``task_identity`` is the zmq identity of its task socket.
+
+    ``engine_id`` is the engine's global id once it has one (-1 for a new engine: the controller allocates
+    it). ``origin`` is ``[controller id, epoch]`` of the controller it was registered with before, when it
+    comes with the tasks it holds from a controller that died (``running``). ``redirected``: it was sent
+    here by another controller's placement (accept it, do not redirect it again)."""
 
     KIND: ClassVar[str] = "engine_hello"
     uuid: str
@@ -335,6 +367,9 @@ class EngineHello(Message):
     pid: int
     task_identity: bytes
     running: list[str] = field(default_factory=list)  # task ids not answered, or answered only recently
+    engine_id: int = -1
+    origin: list[Any] = field(default_factory=list)
+    redirected: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,6 +383,19 @@ class EngineWelcome(Message):
     controller: str
     resend: list[str] = field(default_factory=list)  # results to send again (lost with a previous controller)
     stream: dict[str, Any] = field(default_factory=dict)  # the cluster's stream settings (threshold, ...)
+    move_to: list[str] = field(default_factory=list)  # [controller id, engine endpoint]: register there instead
+    drop: list[str] = field(default_factory=list)  # held tasks not adopted here: never run or report them
+    membership: dict[str, Any] = field(default_factory=dict)  # View.to_wire()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineMove(Message):
+    """Tells an engine (holding no task of this controller) to register with another controller."""
+
+    KIND: ClassVar[str] = "engine_move"
+    controller: str
+    endpoint: str
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,7 +460,7 @@ KINDS: dict[str, type[Message]] = {
         ClientHello, Welcome, Submit, SubmitReply, Results, GetResults, StatusRequest, StatusReply,
         EngineEvent, Shutdown, ShutdownReply, ErrorReply, EngineHello, EngineWelcome, Heartbeat,
         Tasks, EngineStop, QueryTasks, TaskList, PurgeResults, PurgeReply, Chunk, Credit, StreamAbort,
-        Abort, AbortReply,
+        Abort, AbortReply, MembershipRequest, Membership, EngineMove,
     )
 }
 

@@ -114,6 +114,11 @@ def sample_messages() -> list[tuple[Message, list[Any]]]:
         (protocol.Chunk(7, 3), [bytes(range(256)) * 4096]),
         (protocol.Credit(7, 11), []),
         (protocol.StreamAbort(7, "StreamTimeout", "no chunk for 30s"), []),
+        (protocol.MembershipRequest(), []),
+        (protocol.Membership({"live": [["c.1", 2, "tcp://h:1", "tcp://h:2", "h", 7, 1.0, 1.5]], "down": [],
+                              "takeovers": [["c.0", 1, "c.1", 1.0, False, 0]]}, reply_to=3), []),
+        (protocol.EngineMove("c.2", "tcp://127.0.0.1:5555", "placement"), []),
+        (EngineHello("4b1d-uuid", "node1", 31337, b"t:x", ["t-1"], 7, ["c.0", 3], True), []),
     ]
     return msgs
 
