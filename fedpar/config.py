@@ -84,6 +84,8 @@ class ControllerConfig:
     heartbeat_misses: int = field(default=5, metadata=_doc(
         "an engine is declared dead after heartbeat * heartbeat_misses seconds of silence"))
     batch: int = field(default=1024, metadata=_doc("max messages handled per loop pass"))
+    weight: float = field(default=1.0, metadata=_doc(
+        "in a federation, this controller's share of the engines relative to the others"))
 
     def __post_init__(self) -> None:
         _check(bool(self.host.strip()), "controller", "host", self.host, "must not be empty")
@@ -91,6 +93,8 @@ class ControllerConfig:
         _check(self.heartbeat_misses >= 1, "controller", "heartbeat_misses", self.heartbeat_misses,
                "must be >= 1")
         _check(self.batch >= 1, "controller", "batch", self.batch, "must be >= 1")
+        _check(math.isfinite(self.weight) and self.weight > 0, "controller", "weight", self.weight,
+               "must be a finite number > 0")
 
 
 @dataclass(frozen=True)
@@ -167,9 +171,23 @@ class StreamConfig:
 
 @dataclass(frozen=True)
 class DiscoveryConfig:
-    """The registry through which controllers find each other."""
+    """The registry through which several controllers federate into one (see docs/guide.md, Federation)."""
 
-    url: str = field(default="", metadata=_doc("registry URL; empty = the embedded default"))
+    url: str = field(default="", metadata=_doc(
+        "registry URL: lmdb:///DIR (embedded, one host), etcd://HOST:PORT, consul://HOST:PORT; empty = a lone "
+        "controller (Cluster uses an embedded registry in its state directory)"))
+    ttl: float = field(default=3.0, metadata=_doc(
+        "seconds a controller's registration lives without renewal (renewed every ttl/3); a dead controller "
+        "is noticed after about this long (etcd rounds it up to whole seconds, at least 2)"))
+    poll: float = field(default=0.5, metadata=_doc("seconds between a controller's reads of the registry"))
+    window: float = field(default=3.0, metadata=_doc(
+        "seconds a takeover of a dead controller stays open for its engines to be adopted with the tasks "
+        "they hold; clients resubmit the rest when it closes"))
+
+    def __post_init__(self) -> None:
+        _positive("discovery", "ttl", self.ttl)
+        _positive("discovery", "poll", self.poll)
+        _positive("discovery", "window", self.window)
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,14 @@ from typing import Any
 
 import zmq
 
+from fedpar.actors.engines import EngineDesk, FederationLink
 from fedpar.actors.journal import Journal
 from fedpar.actors.relay import Inbound, Relay
 from fedpar.control.recovery import Recovery
 from fedpar.control.registry import EngineRegistry
 from fedpar.control.scheduler import Scheduler, Task
 from fedpar.errors import MalformedMessage, ProtocolError, SignatureError, StoreError
+from fedpar.federation.membership import LOST, OK, Fence
 from fedpar.store.records import FINISHED_STATES, EngineRecord, TaskRecord
 from fedpar.store.schema import STREAM_INPUT, STREAM_RESULT
 from fedpar.wire.codec import Codec, Received
@@ -45,10 +47,11 @@ from fedpar.wire.protocol import (
     EngineEvent,
     EngineHello,
     EngineStop,
-    EngineWelcome,
     ErrorReply,
     GetResults,
     Heartbeat,
+    Membership,
+    MembershipRequest,
     Message,
     PurgeReply,
     PurgeResults,
@@ -83,6 +86,11 @@ ACK_HOLD = 0.005
 ACK_HOLD_MAX = 16  # tasks in one submission, at most, for its acknowledgement to wait
 
 
+def _attempts(spec: dict[str, Any]) -> int:
+    n = spec.get("attempts")
+    return n if isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 1000 else 0
+
+
 class Gateway:
     """The controller's I/O loop. ``run()`` blocks until ``stop()`` (or a ``Shutdown`` request)."""
 
@@ -99,8 +107,18 @@ class Gateway:
         heartbeat: float,
         batch: int = 1024,
         stream: StreamSettings | None = None,
+        fence: Fence | None = None,
+        federation: FederationLink | None = None,
+        pid: int = 0,
+        host: str = "",
     ):
         self.controller_id = controller_id
+        self.cid = controller_id  # stable per state directory; the epoch tells incarnations apart
+        self.pid = pid
+        self.host = host
+        self.fence = fence or Fence(None)
+        self.stepped_down = False  # the registration was lost to a takeover: this controller must stop
+        self.leaving = False  # handing its work over (graceful stop while peers run): starts nothing
         self.codec = codec
         self.client_sock = client_sock
         self.engine_sock = engine_sock
@@ -115,7 +133,7 @@ class Gateway:
         self.stopped_by_request = False
         self.dropped: dict[str, int] = defaultdict(int)  # bad messages by error class name
         self.counters: dict[str, int] = defaultdict(int)
-        self._clients: set[bytes] = set()  # routing ids of clients that said hello
+        self.clients: set[bytes] = set()  # routing ids of clients that said hello
         self._watchers: dict[str, bytes | set[bytes]] = {}  # task id -> client(s) waiting for it
         self._saved_marks: dict[str, int] = codec.guard.marks()
         self._queued_now: list[Task] = []  # accepted this pass (their payload is dropped after commit)
@@ -124,6 +142,9 @@ class Gateway:
         self._held: dict[tuple[bytes, int], tuple[float, list[str], set[str]]] = {}
         self.recovery = Recovery((), 0.0)
         self.relay = Relay(journal, stream or StreamSettings(), self._send, self._stream_complete, self._stream_failed)
+        self.desk = EngineDesk(self, federation)
+        self._capacity = 0  # what clients were last told to keep outstanding here (load-balanced tasks)
+        self._told: dict[bytes, int] = {}  # client -> capacity it was last told
         self._reset_pass()
 
     # ------------------------------------------------------------------ thread-safe entry points
@@ -178,6 +199,7 @@ class Gateway:
         self._replies: list[tuple[zmq.Socket[Any], bytes, Message, list[Any]]] = []
         self._events_registered: list[int] = []
         self._events_unregistered: list[int] = []
+        self._events_moved: list[int] = []
         self._finished_now: dict[str, tuple[ResultSpec, list[Any]]] = {}  # results of this pass (not committed)
 
     def run(self) -> None:
@@ -250,9 +272,13 @@ class Gateway:
         elif isinstance(msg, Abort):
             self._reply_client(ident, AbortReply(rid, self._abort(msg.task_ids, now)))
         elif isinstance(msg, ClientHello):
-            self._clients.add(ident)
+            self.clients.add(ident)
+            cap = self._told[ident] = self.scheduler.capacity()
             self._reply_client(ident, Welcome(rid, self.controller_id, self.registry.ids(),
-                                              self.relay.settings.to_wire()))
+                                              self.relay.settings.to_wire(), cap, self.desk.membership_wire(),
+                                              self.pid, self.host))
+        elif isinstance(msg, MembershipRequest):
+            self._reply_client(ident, Membership(self.desk.membership_wire(), rid))
         elif isinstance(msg, StatusRequest):
             self._reply_client(ident, self._status(rid))
         elif isinstance(msg, QueryTasks):
@@ -278,7 +304,7 @@ class Gateway:
             self._reply_client(ident, ErrorReply(rid, "ProtocolError", f"unexpected message {msg.KIND}"))
 
     def _on_submit(self, ident: bytes, rid: int, sender: str, msg: Submit, frames: list[Any], now: float) -> None:
-        self._clients.add(ident)
+        self.clients.add(ident)
         key = (ident, rid)
         accepted = self._acks.setdefault(key, [])
         if len(msg.tasks) <= ACK_HOLD_MAX and not any("stream" in t.spec or OFFER in t.spec or "resubmit" in t.spec
@@ -289,8 +315,10 @@ class Gateway:
         for spec in msg.tasks:
             tframes = frames[pos:pos + spec.nframes]
             pos += spec.nframes
-            if spec.target is not None and not sched.has_engine(spec.target):
+            if spec.target is not None and (not sched.has_engine(spec.target) or sched.draining(spec.target)):
+                home = self.desk.draining(spec.target)
                 self._rejects[(ident, rid)].append(
+                    [spec.task_id, "EngineMoved", home] if home is not None else
                     [spec.task_id, "UnknownEngineError",
                      f"engine {spec.target} is not registered (registered: {self.registry.ids()})"]
                 )
@@ -323,6 +351,8 @@ class Gateway:
                 continue
             task = Task(spec.task_id, sender, spec.op, spec.target, spec.nframes, spec.retries, spec.spec,
                         tframes, now)
+            if "attempts" in spec.spec:  # resubmitted after its controller died: it may have run once already
+                task.attempts = _attempts(spec.spec)
             sched.submit(task)
             self.journal.task_queued(task)
             self._queued_now.append(task)
@@ -450,7 +480,7 @@ class Gateway:
                                  "unstored_results": self.journal.unstored_results}
         return StatusReply(rid, self.controller_id, self.codec.epoch, engines, self.scheduler.queued,
                            self.scheduler.in_flight, counters.get("tasks_done", 0),
-                           counters.get("tasks_failed", 0), stats)
+                           counters.get("tasks_failed", 0), stats, self.pid, self.host)
 
     # ------------------------------------------------------------------ engine messages
     def _on_engine_message(self, ident: bytes, rx: Received, now: float) -> None:
@@ -467,28 +497,47 @@ class Gateway:
         elif isinstance(msg, StreamAbort):
             self.relay.on_abort(ident, msg)
         elif isinstance(msg, Heartbeat):
-            known = self.registry.seen(msg.engine_id, now, control_identity=ident)
-            self._send(self.engine_sock, ident, Heartbeat(msg.engine_id if known else -1))
-            if known and msg.running:
-                task = self.scheduler.get(msg.running)
-                if task is not None and task.engine == msg.engine_id and not task.running:
-                    task.running = True
-                    self.journal.task_running(task)
+            self.desk.on_heartbeat(ident, msg, now)
         elif isinstance(msg, EngineHello):
-            again = self.registry.was_known(msg.uuid) or msg.uuid in {e.uuid for e in self.registry.engines()}
-            rec = self.registry.register(msg.uuid, msg.hostname, msg.pid, msg.task_identity, now)
-            self.journal.engine(rec)
-            self.scheduler.add_engine(rec.engine_id)
-            resend = self._engine_returned(rec.engine_id, msg.running, now) if again else []
-            self._events_registered.append(rec.engine_id)
-            self._replies.append((self.engine_sock, ident,
-                                  EngineWelcome(rx.envelope.id, rec.engine_id, self.heartbeat,
-                                                self.controller_id, resend, self.relay.settings.to_wire()), []))
-            log.info("engine %d registered (pid %d on %s)", rec.engine_id, msg.pid, msg.hostname)
+            self.desk.on_hello(ident, rx.envelope.id, msg, now)
+        elif isinstance(msg, MembershipRequest):
+            self._replies.append((self.engine_sock, ident, Membership(self.desk.membership_wire(), rx.envelope.id), []))
         else:
             self.dropped["UnexpectedKind"] += 1
 
-    def _engine_returned(self, eid: int, running: list[str], now: float) -> list[str]:
+    # ------------------------------------------------------------------ for the engine desk (gateway thread)
+    def reply_engine(self, ident: bytes, msg: Message) -> None:
+        """Send ``msg`` to an engine after this pass's commit."""
+        self._replies.append((self.engine_sock, ident, msg, []))
+
+    def send_engine(self, ident: bytes, msg: Message) -> bool:
+        return self._send(self.engine_sock, ident, msg)
+
+    def send_client(self, ident: bytes, msg: Message) -> bool:
+        return self._send(self.client_sock, ident, msg)
+
+    def engine_registered(self, eid: int) -> None:
+        self._events_registered.append(eid)
+
+    def engine_left(self, eid: int, home: str) -> None:
+        """An idle engine moved to controller ``home``: forget it here (clients keep it: it is not gone)."""
+        ident = self.registry.task_identity(eid)
+        if ident is not None:
+            self.relay.drop_peer(ident)
+        rec = self.registry.unregister(eid, "moved")
+        if rec is not None:
+            self.journal.engine(rec)
+        self.scheduler.remove_engine(eid)
+        self._events_moved.append(eid)
+
+    def watch_submitter(self, task_id: str) -> None:
+        """Send ``task_id``'s result to the client that submitted it, if it is connected here (a task id
+        starts with its client's sender id, as ``Client`` makes them): used for adopted tasks."""
+        ident = ("client:" + task_id.split("-", 1)[0]).encode()
+        if ident in self.clients:
+            self._watch(task_id, ident)
+
+    def engine_returned(self, eid: int, running: list[str], now: float) -> list[str]:
         """An engine registered again (after a controller restart or a reconnect). Returns the ids of the
         tasks it holds or answered recently that we still wait for: it sends those results (again)."""
         holding = set(running)
@@ -661,7 +710,13 @@ class Gateway:
     # ------------------------------------------------------------------ end of a pass
     def _finish_pass(self, now: float, final: bool = False) -> None:
         self.relay.after_commit(self.journal.commit_chunks(), now)  # stream chunks first: completions follow
-        dispatch = self.scheduler.assign(now)
+        state = self.fence.state(time.monotonic())
+        if state == LOST and not final:
+            self.stepped_down = True
+            self._running = False
+        # Paused (the registration cannot be proven alive: survivors may be taking this controller's work
+        # over), stepped down or leaving: start nothing; answers, results and storage go on.
+        dispatch = self.scheduler.assign(now) if state == OK and not self.leaving else []
         for _eid, tasks in dispatch:
             for t in tasks:
                 self.journal.task_assigned(t)
@@ -686,9 +741,10 @@ class Gateway:
                     self._rejects[(ident, rid)].extend([i, "StoreFull", why] for i in bad)
             dispatch = [(eid, [t for t in ts if t.task_id not in refused_ids]) for eid, ts in dispatch]
         acks, rejects, to_clients, replies = self._acks, self._rejects, self._to_clients, self._replies
-        registered, unregistered = self._events_registered, self._events_unregistered
+        registered, unregistered, moved = self._events_registered, self._events_unregistered, self._events_moved
         holdable = self._holdable
         self._reset_pass()  # whatever sending below triggers (a lost engine) lands in the next pass
+        cap = self._capacity_now(now)
         if self._held:
             self._settle_held_acks(to_clients, final)
         for key, ids in acks.items():
@@ -696,21 +752,25 @@ class Gateway:
             if key in holdable and ids and not rej and not final:
                 self._held[key] = (time.monotonic() + ACK_HOLD, ids, set(ids))
             else:
-                self._send(self.client_sock, key[0], SubmitReply(key[1], ids, rej))
+                self._send(self.client_sock, key[0], SubmitReply(key[1], ids, rej, self._tell(key[0], cap)))
         for (ident, rid), rej in rejects.items():
-            self._send(self.client_sock, ident, SubmitReply(rid, [], rej))
+            self._send(self.client_sock, ident, SubmitReply(rid, [], rej, self._tell(ident, cap)))
         for ident, items in to_clients.items():
-            self._send(self.client_sock, ident, Results([r for r, _ in items], [], 0),
+            self._send(self.client_sock, ident, Results([r for r, _ in items], [], 0, self._tell(ident, cap)),
                        [f for _, fr in items for f in fr])
         for sock, ident, msg, frames in replies:
             self._send(sock, ident, msg, frames)
         for eid, tasks in dispatch:
             if tasks:
                 self._dispatch(eid, tasks, now)
-        if registered or unregistered:
-            ev = EngineEvent(registered, unregistered)
-            for ident in list(self._clients):
+        if registered or unregistered or moved:
+            self._capacity_at = 0.0  # (engines came or went: recompute now and tell every client)
+            cap = self._capacity_now(now)
+            ev = EngineEvent(registered, unregistered, moved, cap)
+            for ident in list(self.clients):
+                self._told[ident] = cap
                 self._send(self.client_sock, ident, ev)
+        self.desk.after_pass()
         if self.relay.outbound:
             self.relay.pump()
 
@@ -733,10 +793,27 @@ class Gateway:
                 del self._held[key]
                 self._send(self.client_sock, key[0], SubmitReply(key[1], [i for i in ids if i in remaining], []))
 
+    def _tell(self, ident: bytes, cap: int) -> int:
+        """``cap`` if client ``ident`` was last told another capacity (it is told now), else -1."""
+        if self._told.get(ident) == cap:
+            return -1
+        self._told[ident] = cap
+        return cap
+
+    def _capacity_now(self, now: float) -> int:
+        """The scheduler's capacity, recomputed at most every 50 ms (it walks every engine)."""
+        if now >= self._capacity_at:
+            self._capacity_at = now + 0.05
+            self._capacity = self.scheduler.capacity()
+        return self._capacity
+
+    _capacity_at = 0.0
+
     def _has_work(self) -> bool:
         """True when the last pass left something to commit or send (poll without sleeping)."""
         return bool(self._to_clients or self._replies or self._rejects or self._acks
-                    or self._events_unregistered or self._events_registered or self.journal.pending
+                    or self._events_unregistered or self._events_registered or self._events_moved
+                    or self.journal.pending
                     or (self.relay.outbound and self.relay.has_ready()))
 
     def _dispatch(self, eid: int, tasks: list[Task], now: float) -> None:
@@ -775,6 +852,6 @@ class Gateway:
             return True
         except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer is gone
             if sock is self.client_sock:
-                self._clients.discard(ident)
+                self.clients.discard(ident)
             log.debug("cannot send %s to %r: %s", msg.KIND, ident, exc)
             return False

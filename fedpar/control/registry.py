@@ -1,7 +1,9 @@
 """Which engines are registered and alive: a pure state machine fed with times by the gateway.
 
 An engine is declared dead when nothing (heartbeat or result) came from it for ``timeout`` seconds.
-Engine ids are never reused within a store: the next id continues after the highest ever recorded.
+A lone controller allocates engine ids itself, never reusing one within its store (the next id continues
+after the highest ever recorded). In a federation ids are global: the discovery registry allocates them,
+an engine keeps its id for life, and registers with it (``engine_id``) wherever it goes.
 """
 
 from __future__ import annotations
@@ -34,14 +36,23 @@ class EngineRegistry:
     def was_known(self, uuid: str) -> bool:
         return uuid in self._known
 
-    def register(self, uuid: str, hostname: str, pid: int, task_identity: bytes, now: float) -> EngineRecord:
-        """Register an engine (or re-register the same uuid, keeping its id)."""
-        eid = self._by_uuid.get(uuid)
+    def holder(self, engine_id: int) -> str | None:
+        """The uuid registered under ``engine_id`` (None if none)."""
+        rec = self._records.get(engine_id)
+        return None if rec is None else rec.uuid
+
+    def register(self, uuid: str, hostname: str, pid: int, task_identity: bytes, now: float,
+                 engine_id: int | None = None) -> EngineRecord:
+        """Register an engine (or re-register the same uuid, keeping its id). ``engine_id``: the global id
+        the engine already has (federation); else the id it had here, or a new local one."""
+        eid = engine_id if engine_id is not None and engine_id >= 0 else self._by_uuid.get(uuid)
         if eid is None:
             eid = self._known.pop(uuid, None)
+        else:
+            self._known.pop(uuid, None)
         if eid is None:
             eid = self._next_id
-            self._next_id += 1
+        self._next_id = max(self._next_id, eid + 1)
         old = self._task_ident.get(eid)
         if old is not None:
             self._by_task_ident.pop(old, None)

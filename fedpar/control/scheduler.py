@@ -10,6 +10,10 @@ Policy
   ``PIPELINE_SECONDS`` of work, so short tasks stream without idle gaps and long tasks are not hoarded by
   one engine while another is idle. ``prefetch > 0`` fixes the credit instead.
 * Load-balanced tasks go to the engine with the most free credit first (least outstanding work).
+* A draining engine (about to move to another controller) gets no new load-balanced task; its direct
+  queue still runs. ``capacity()`` tells clients how many load-balanced tasks to keep outstanding here:
+  what the engines hold (credit) plus about ``QUEUE_SECONDS`` of queued work each, so clients hold the rest
+  back and can send it wherever engines free up first.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from typing import Any
 PIPELINE_SECONDS = 0.004
 MAX_CREDIT = 64
 INITIAL_CREDIT = 2
+QUEUE_SECONDS = 0.05  # queued work per engine a controller asks clients for, beyond what its engines hold
+MIN_QUEUE = 2
+MAX_QUEUE = 1024
 
 
 class Task:
@@ -60,13 +67,14 @@ class Task:
 
 
 class _Engine:
-    __slots__ = ("direct", "ewma", "fixed", "outstanding")
+    __slots__ = ("direct", "draining", "ewma", "fixed", "outstanding")
 
     def __init__(self, fixed: int):
         self.direct: deque[Task] = deque()
         self.outstanding: dict[str, Task] = {}
         self.ewma: float | None = None  # mean task runtime on this engine (seconds)
         self.fixed = fixed
+        self.draining = False
 
     def credit(self) -> int:
         if self.fixed:
@@ -77,6 +85,13 @@ class _Engine:
 
     def free(self) -> int:
         return self.credit() - len(self.outstanding)
+
+    def wanted(self) -> int:
+        """Load-balanced tasks this engine should have outstanding or queued for it."""
+        if self.draining:
+            return 0
+        queue = MIN_QUEUE if self.ewma is None else int(QUEUE_SECONDS / max(self.ewma, 1e-6))
+        return self.credit() + max(MIN_QUEUE, min(MAX_QUEUE, queue))
 
 
 class Scheduler:
@@ -118,6 +133,25 @@ class Scheduler:
         eng = self._engines.get(engine_id)
         return len(eng.outstanding) + len(eng.direct) if eng else 0
 
+    def drain(self, engine_id: int, on: bool = True) -> None:
+        """Stop (``on``) or resume giving ``engine_id`` load-balanced work (it is about to move away)."""
+        eng = self._engines.get(engine_id)
+        if eng is not None:
+            eng.draining = on
+
+    def draining(self, engine_id: int) -> bool:
+        eng = self._engines.get(engine_id)
+        return eng is not None and eng.draining
+
+    def idle(self, engine_id: int) -> bool:
+        """True when ``engine_id`` holds no task and has none waiting for it."""
+        eng = self._engines.get(engine_id)
+        return eng is None or not (eng.outstanding or eng.direct)
+
+    def capacity(self) -> int:
+        """How many load-balanced tasks clients should keep outstanding here (see the module docstring)."""
+        return sum(e.wanted() for e in self._engines.values())
+
     # ------------------------------------------------------------------ tasks
     def submit(self, task: Task) -> None:
         """Queue a task. A direct task's engine must exist (the caller checks ``has_engine``)."""
@@ -156,7 +190,7 @@ class Scheduler:
                     batch.append(eng.direct.popleft())
                     free -= 1
                 out.append((eid, batch))
-            if free > 0:
+            if free > 0 and not eng.draining:
                 free_after[eid] = free
         if lb and free_after:
             # Spread evenly: one task at a time, engines with the most free credit first.

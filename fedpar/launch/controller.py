@@ -1,7 +1,14 @@
-"""``fedpar controller``: assemble the store, sockets, gateway and housekeeper, then serve.
+"""``fedpar controller``: assemble the store, sockets, gateway, housekeeper and federation, then serve.
 
 The cluster key lives in the state directory (``cluster.key``, 0600), so a controller restarted on
-the same state directory keeps its key and clients and engines can reconnect.
+the same state directory keeps its key and clients and engines can reconnect. So does the controller's
+id (``controller.id``): in a federation it names the controller in the discovery registry across
+restarts, the store's epoch telling its incarnations apart.
+
+With a discovery URL the controller registers before it serves (an unreachable registry is a clear error
+at start), and if the survivors took over its previous incarnation while it was down, it drops the
+unfinished tasks that incarnation left in its store instead of running them again: their clients
+resubmitted them elsewhere.
 """
 
 from __future__ import annotations
@@ -11,12 +18,15 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import zmq
 
+from fedpar.actors.engines import FederationLink
+from fedpar.actors.federation import Federation, Settings
 from fedpar.actors.gateway import Gateway
 from fedpar.actors.housekeeper import Housekeeper
 from fedpar.actors.journal import Journal
@@ -24,6 +34,9 @@ from fedpar.config import Config
 from fedpar.control.registry import EngineRegistry
 from fedpar.control.scheduler import Scheduler
 from fedpar.errors import ConfigError
+from fedpar.federation.discovery import Discovery, open_registry
+from fedpar.federation.membership import Fence, Tracker
+from fedpar.federation.records import ControllerEntry
 from fedpar.runtime import ConnectionInfo, lock_state_dir, remove_connection_file, write_connection_file
 from fedpar.store.lmdb_store import LmdbStore
 from fedpar.wire.codec import Codec
@@ -35,7 +48,9 @@ from fedpar.wire.transport import bind_router, is_loopback, publish_host
 log = logging.getLogger(__name__)
 
 KEY_FILE = "cluster.key"
+ID_FILE = "controller.id"
 ENDPOINTS_FILE = "endpoints.json"
+STEPPED_DOWN = 4  # exit code of a controller whose registration lapsed and was taken over
 LOCK_WAIT = 10.0  # seconds a controller waits for the previous one on its state directory to finish exiting
 
 
@@ -67,6 +82,39 @@ def load_or_create_key(state_dir: Path, given: bytes | None = None) -> bytes:
     return key
 
 
+def controller_identity(state_dir: Path, cluster_id: str) -> str:
+    """The controller's id, kept in ``state_dir`` (made once: ``<cluster id>.<6 hex>``)."""
+    path = state_dir / ID_FILE
+    try:
+        cid = path.read_text().strip()
+        if cid:
+            return cid
+    except FileNotFoundError:
+        pass
+    cid = f"{cluster_id}.{secrets.token_hex(3)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(cid + "\n")
+    return cid
+
+
+def drop_taken_over(store: LmdbStore, discovery: Discovery, cid: str) -> int:
+    """If the survivors took over this controller's last registered incarnation, delete the unfinished tasks
+    it left (their clients resubmitted them elsewhere; running them here would run them twice)."""
+    previous = store.counters().get("registered_epoch", 0)
+    marker = discovery.takeovers().get(cid)
+    if not previous or marker is None or marker.epoch < previous:
+        return 0
+    ids = [r.task_id for r in store.unfinished_tasks()]
+    if ids:
+        batch = store.batch()
+        batch.delete_results(ids)
+        store.commit(batch)
+        log.warning("incarnation %d of this controller was taken over while it was down; dropped the %d "
+                    "unfinished task(s) it left (their clients resubmitted them elsewhere)", marker.epoch, len(ids))
+    return len(ids)
+
+
 def drop_partial_streams(store: LmdbStore) -> int:
     """Delete the chunks of streams a previous controller left half written; returns how many."""
     partial = store.partial_streams()
@@ -88,7 +136,11 @@ def run_controller(
     connection_file: Path | None = None,
     parent_pid: int | None = None,
 ) -> int:
-    """Run a controller until it is stopped (SIGTERM, SIGINT, a client's shutdown request)."""
+    """Run a controller until it is stopped (SIGTERM, SIGINT, a client's shutdown request).
+
+    With ``[discovery] url`` set it joins that federation. SIGTERM while other controllers are live hands
+    its work over to them (its engines move, clients resubmit its queued tasks) before it exits. Returns 0,
+    or ``STEPPED_DOWN`` when its registration lapsed and the survivors took it over."""
     host = config.controller.host
     if not is_loopback(host) and not config.security.insecure:
         raise ConfigError(
@@ -116,7 +168,7 @@ def _serve(config: Config, *, cluster_id: str, state_dir: Path, key: bytes | Non
         sync=config.store.sync,
     )
     epoch = store.next_epoch()
-    controller_id = f"{cluster_id}.{secrets.token_hex(3)}"
+    controller_id = controller_identity(state_dir, cluster_id)
     ctx: zmq.Context[Any] = zmq.Context()
     previous = _previous_ports(state_dir)
     client_sock, client_ep = bind_router(ctx, host, previous.get("client"))
@@ -128,6 +180,9 @@ def _serve(config: Config, *, cluster_id: str, state_dir: Path, key: bytes | Non
 
     codec = Codec(key, f"controller:{controller_id}:{epoch}", epoch=epoch,
                   replay_window=config.security.replay_window, marks=store.marks())
+    fed = _join(config, store, key, cluster_id, ControllerEntry(
+        controller_id, epoch, client_ep, engine_ep, socket.gethostname(), os.getpid(), str(state_dir),
+        config.controller.weight, time.time())) if config.discovery.url else None
     engines = store.engines()
     registry = EngineRegistry(config.controller.heartbeat * config.controller.heartbeat_misses,
                               next_id=max((e.engine_id for e in engines), default=-1) + 1)
@@ -137,6 +192,8 @@ def _serve(config: Config, *, cluster_id: str, state_dir: Path, key: bytes | Non
         heartbeat=config.controller.heartbeat, batch=config.controller.batch,
         stream=StreamSettings(config.stream.threshold, max(1, config.stream.window // CHUNK_BYTES),
                               config.stream.timeout, config.stream.direct),
+        fence=fed.fence if fed else None, federation=fed.link if fed else None, pid=os.getpid(),
+        host=socket.gethostname(),
     )
     drop_partial_streams(store)
     timeout = config.controller.heartbeat * config.controller.heartbeat_misses
@@ -144,28 +201,82 @@ def _serve(config: Config, *, cluster_id: str, state_dir: Path, key: bytes | Non
     info = ConnectionInfo(
         cluster_id=cluster_id, key=key, client_endpoint=client_ep, engine_endpoint=engine_ep,
         controller_id=controller_id, controller_pid=os.getpid(), state_dir=str(state_dir),
-        created=time.time(),
+        created=time.time(), discovery=config.discovery.url,
     )
     cf = write_connection_file(info, connection_file, config)
+    actor = fed.start(gateway) if fed else None
 
     def on_signal(signum: int, _frame: object) -> None:
+        if actor is not None and signum == signal.SIGTERM and gateway.desk.view.owner(0, exclude=[controller_id]):
+            if not gateway.leaving:
+                log.info("controller got SIGTERM; handing its work over to the other controllers")
+                gateway.leaving = True  # (this handler runs on the gateway's thread: nothing starts from now on)
+                actor.tell(("leave", gateway))
+            return
         log.info("controller got signal %d; stopping", signum)
         gateway.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     housekeeper = Housekeeper.start(gateway, retention=config.store.retention, parent_pid=parent_pid)
-    log.info("controller %s (epoch %d) serving clients at %s, engines at %s", controller_id, epoch,
-             client_ep, engine_ep)
+    log.info("controller %s (epoch %d) serving clients at %s, engines at %s%s", controller_id, epoch,
+             client_ep, engine_ep, f", federated through {config.discovery.url}" if fed else "")
     try:
         gateway.run()
     finally:
         housekeeper.stop()
+        if actor is not None:
+            if not gateway.stepped_down:
+                actor.ask(("deregister",), timeout=10)
+            actor.stop()
         client_sock.close(0)
         engine_sock.close(0)
         ctx.term()
         store.sync()
         store.close()
         remove_connection_file(cf)
-        log.info("controller %s stopped", controller_id)
-    return 0
+        log.info("controller %s %s", controller_id, "stepped down" if gateway.stepped_down else "stopped")
+    return STEPPED_DOWN if gateway.stepped_down else 0
+
+
+class _Joined:
+    """A controller's membership of a federation before its gateway runs: registration, fence, tracker."""
+
+    def __init__(self, config: Config, discovery: Discovery, entry: ControllerEntry, lease: str, fence: Fence,
+                 tracker: Tracker):
+        self.config = config
+        self.discovery = discovery
+        self.entry = entry
+        self.lease = lease
+        self.fence = fence
+        self.tracker = tracker
+        self._actor: Any = None
+        self.link = FederationLink(
+            allocate=lambda n, reply: self._actor.tell(("allocate", n, reply)),
+            adopt=lambda cid, epoch, reply: self._actor.tell(("adopt", cid, epoch, reply)),
+        )
+
+    def start(self, gateway: Gateway) -> Any:
+        d = self.config.discovery
+        gateway.desk.view = self.tracker.view
+        self._actor = Federation.start(self.discovery, self.entry, self.lease, self.fence, self.tracker,
+                                       Settings(d.ttl, d.poll, d.window), gateway.call_soon, gateway.desk.on_view)
+        return self._actor
+
+
+def _join(config: Config, store: LmdbStore, key: bytes, cluster_id: str, entry: ControllerEntry) -> _Joined:
+    """Register in the discovery registry (raises ``RegistryUnavailable`` / ``DiscoveryError`` if it cannot)."""
+    d = config.discovery
+    discovery = Discovery(open_registry(d.url), cluster_id, key)
+    drop_taken_over(store, discovery, entry.cid)
+    sent = time.monotonic()
+    lease = discovery.register(entry, d.ttl, replace=True)
+    batch = store.batch()
+    batch.set_meta("registered_epoch", entry.epoch)
+    store.commit(batch)
+    fence = Fence(d.ttl)
+    fence.renewed(sent)
+    tracker = Tracker(entry.cid, window=d.window)
+    tracker.observe(discovery.controllers(), discovery.known().values(), discovery.takeovers().values(),
+                    time.time(), time.monotonic())
+    return _Joined(config, discovery, entry, lease, fence, tracker)

@@ -159,6 +159,10 @@ class WriteBatch:
         """Append the operations of ``other`` (same store) to this batch."""
         self._ops.extend(other._ops)
 
+    def set_meta(self, name: str, value: int) -> None:
+        """Set the ``meta`` integer ``name`` (read back with ``LmdbStore.counters``)."""
+        self._ops.append((_PUT, self._store._meta, name.encode("utf-8"), S.pack_u64(value)))
+
     def bump(self, counter: str, n: int = 1) -> None:
         """Add ``n`` to the ``meta`` counter ``counter`` (never below zero)."""
         self._ops.append((_BUMP, counter.encode("utf-8"), n))

@@ -322,6 +322,7 @@ class EngineEvent(Message):
     registered: list[int]
     unregistered: list[int]
     moved: list[int] = field(default_factory=list)  # left this controller for another one: not gone
+    capacity: int = -1  # the controller's capacity for load-balanced tasks now (see SubmitReply)
 
 
 @dataclass(frozen=True, slots=True)

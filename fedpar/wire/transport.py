@@ -46,6 +46,9 @@ def bind_router(ctx: zmq.Context[Any], host: str = "127.0.0.1", prefer_port: int
     sock = ctx.socket(zmq.ROUTER)
     _tune(sock)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    # A peer that connects again with the identity of a connection still open (an engine moving back, a
+    # process whose old socket lingers) takes the identity over instead of being refused.
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     if ":" in host and not host.startswith("["):
         sock.setsockopt(zmq.IPV6, 1)
         base = f"tcp://[{host}]"

@@ -643,3 +643,47 @@ def test_burst_table_is_dropped_when_all_tasks_finished() -> None:
             assert s.complete(t.task_id, t.engine, 0.001) is t
     assert s.in_flight == 0
     assert grown > 100_000 and sys.getsizeof(s._in_flight) <= empty
+
+
+# --------------------------------------------------------------------------- federation: drain, capacity, ids
+def test_draining_engine_gets_direct_but_no_load_balanced_work() -> None:
+    s = Scheduler()
+    s.add_engine(0)
+    s.add_engine(1)
+    s.drain(0)
+    s.submit(Task("d", "c", "apply", 0, 0, 0, {}, [], 0.0))
+    for i in range(4):
+        s.submit(Task(f"lb{i}", "c", "apply", None, 0, 0, {}, [], 0.0))
+    got = dict(s.assign(1.0))
+    assert [t.task_id for t in got[0]] == ["d"]
+    assert all(t.target is None for t in got[1])
+    assert s.draining(0) and not s.idle(0)
+    s.complete("d", 0, 0.01)
+    assert s.idle(0)
+    s.drain(0, False)
+    assert not s.draining(0)
+
+
+def test_capacity_follows_engine_speed() -> None:
+    s = Scheduler()
+    assert s.capacity() == 0
+    s.add_engine(0)
+    assert s.capacity() == 2 + 2  # initial credit + the minimum queue
+    s.submit(Task("t", "c", "apply", None, 0, 0, {}, [], 0.0))
+    s.assign(0.0)
+    s.complete("t", 0, 1e-5)  # very short tasks: full credit, long queue
+    assert s.capacity() == 64 + 1024
+    s.submit(Task("u", "c", "apply", None, 0, 0, {}, [], 0.0))
+    s.assign(0.0)
+    for _ in range(50):
+        s._engines[0].ewma = 2.0  # long tasks: one at a time, two queued
+    assert s.capacity() == 1 + 2
+    s.drain(0)
+    assert s.capacity() == 0
+
+
+def test_register_with_a_global_id() -> None:
+    r = reg()
+    assert r.register("u", "h", 1, b"i", 0.0, engine_id=40).engine_id == 40
+    assert r.register("v", "h", 2, b"j", 0.0).engine_id == 41  # local ids continue after it
+    assert r.holder(40) == "u" and r.holder(7) is None

@@ -1,0 +1,251 @@
+"""The gateway's engine desk: registration, heartbeats, placement and the federation's effects.
+
+Runs on the gateway thread (the gateway owns it and calls it; it sends through the gateway). It decides:
+
+* **ids**: a lone controller numbers engines from its store; in a federation a new engine's global id comes
+  from the registry (asked of the federation actor, in batches, so registrations never wait on the network
+  in the gateway's loop) and the engine keeps it for life.
+* **placement**: an engine belongs to the live controller that wins weighted rendezvous hashing for its id.
+  A new engine registering here that belongs elsewhere is redirected at once; when membership changes, an
+  engine that now belongs elsewhere is drained (no new load-balanced work; what it holds finishes) and then
+  told to move (``EngineMove``). Only the engines whose winner changed move.
+* **adoption**: an engine whose controller died arrives with the tasks it holds (``origin``); the federation
+  actor says whether the takeover of that controller is still open. If so, the tasks become this
+  controller's (their results are stored here and go to their clients); if it closed, the engine drops
+  them (their clients resubmit them); if the old controller is registered again, the engine goes back.
+* **membership pushes**: every change of the view goes to every client and engine (``Membership``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fedpar.actors.federation import ADOPT, BACK, REFUSE
+from fedpar.control.scheduler import Task
+from fedpar.federation.membership import View
+from fedpar.federation.records import ControllerEntry
+from fedpar.wire.protocol import EngineHello, EngineMove, EngineWelcome, Heartbeat, Membership
+
+if TYPE_CHECKING:
+    from fedpar.actors.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FederationLink:
+    """How the gateway reaches the federation actor (all calls return at once; answers come by call_soon)."""
+
+    allocate: Callable[[int, Callable[[list[int]], None]], None]  # (n, reply)
+    adopt: Callable[[str, int, Callable[[str], None]], None]  # (controller id, epoch, reply)
+
+
+@dataclass
+class _Hello:
+    ident: bytes
+    rid: int
+    msg: EngineHello
+    now: float
+
+
+class EngineDesk:
+    """Engine registration and everything membership changes do to engines (gateway thread only)."""
+
+    def __init__(self, gw: Gateway, fed: FederationLink | None):
+        self.gw = gw
+        self.fed = fed
+        self.view = View()
+        self._need_ids: list[_Hello] = []  # new engines waiting for global ids
+        self._asking = False
+        self._tokens = itertools.count(1)
+        self._moving: dict[int, str] = {}  # engine id -> the controller it drains towards
+        self.moved_to: dict[int, str] = {}  # engines that left for another controller
+        self._adopting: set[int] = set()  # engine ids with an adoption verdict pending
+
+    # ------------------------------------------------------------------ messages from engines
+    def on_hello(self, ident: bytes, rid: int, msg: EngineHello, now: float) -> None:
+        hello = _Hello(ident, rid, msg, now)
+        origin = msg.origin
+        if msg.engine_id < 0:
+            if self.fed is None:
+                self._register(hello, None)
+                return
+            self._need_ids.append(hello)
+            if not self._asking:
+                self._asking = True
+                self.fed.allocate(len(self._need_ids), self._got_ids)
+            return
+        if (self.fed is not None and len(origin) == 2 and isinstance(origin[0], str) and isinstance(origin[1], int)
+                and origin[0] != self.gw.cid and msg.running):
+            if msg.engine_id in self._adopting:
+                return  # (asked again while the verdict is pending)
+            self._adopting.add(msg.engine_id)
+            self.fed.adopt(origin[0], origin[1], lambda verdict: self._verdict(hello, verdict))
+            return
+        self._register(hello, msg.engine_id)
+
+    def _got_ids(self, ids: list[int]) -> None:
+        waiting, self._need_ids = self._need_ids[:len(ids)], self._need_ids[len(ids):]
+        self._asking = False
+        for hello, eid in zip(waiting, ids, strict=False):
+            self._register(hello, eid)
+        if self._need_ids and self.fed is not None:
+            self._asking = True
+            self.fed.allocate(len(self._need_ids), self._got_ids)
+
+    def _verdict(self, hello: _Hello, verdict: str) -> None:
+        msg = hello.msg
+        self._adopting.discard(msg.engine_id)
+        cid, epoch = msg.origin
+        if verdict == BACK:
+            entry = self.view.entry(cid)
+            if entry is not None:
+                log.info("engine %d comes from controller %s, which is registered again: sent back", msg.engine_id,
+                         cid)
+                self._welcome(hello, msg.engine_id, move_to=[cid, entry.engine_endpoint])
+                return
+            verdict = REFUSE  # (not in our view yet: keep it here without its tasks rather than bounce it)
+        if verdict == ADOPT:
+            self._register(hello, msg.engine_id, adopt=(cid, epoch))
+        else:
+            log.warning("engine %d comes from controller %s with %d task(s), but that takeover has closed: the "
+                        "engine drops them and their clients resubmit them", msg.engine_id, cid, len(msg.running))
+            self._register(hello, msg.engine_id, drop=list(msg.running))
+
+    def _register(self, hello: _Hello, eid: int | None, *, adopt: tuple[str, int] | None = None,
+                  drop: list[str] | None = None) -> None:
+        gw, msg = self.gw, hello.msg
+        if eid is not None and not msg.redirected and not msg.running and not adopt:
+            home = self.view.owner(eid)
+            entry = self.view.entry(home) if home is not None else None
+            if entry is not None and home != gw.cid and self.view.entry(gw.cid) is not None:
+                self._welcome(hello, eid, move_to=[entry.cid, entry.engine_endpoint])  # it belongs elsewhere
+                return
+        holder = gw.registry.holder(eid) if eid is not None else None
+        if holder is not None and holder != msg.uuid:
+            log.error("engine id %d is claimed by uuid %s while uuid %s holds it; refused", eid, msg.uuid, holder)
+            return
+        again = gw.registry.was_known(msg.uuid) or holder == msg.uuid
+        rec = gw.registry.register(msg.uuid, msg.hostname, msg.pid, msg.task_identity, hello.now, engine_id=eid)
+        eid = rec.engine_id
+        gw.journal.engine(rec)
+        gw.scheduler.add_engine(eid)
+        self.moved_to.pop(eid, None)
+        resend: list[str] = []
+        if adopt is not None:
+            resend = self._adopt_tasks(eid, msg.running, adopt, hello.now)
+        elif again:
+            resend = gw.engine_returned(eid, msg.running, hello.now)
+        gw.engine_registered(eid)
+        self._welcome(hello, eid, resend=resend, drop=drop or [])
+        if eid in self._moving:  # (re-registered while draining: its placement is decided again)
+            self._moving.pop(eid)
+        if not msg.redirected:  # (sent here by another controller: placed again at the next view change, once
+            self._place(eid)    # the views agree, instead of bouncing between controllers that disagree)
+        log.info("engine %d registered (pid %d on %s)%s", eid, msg.pid, msg.hostname,
+                 f", adopted with {len(msg.running)} task(s) of controller {adopt[0]}" if adopt else "")
+
+    def _welcome(self, hello: _Hello, eid: int, *, move_to: list[str] | None = None, resend: list[str] | None = None,
+                 drop: list[str] | None = None) -> None:
+        gw = self.gw
+        gw.reply_engine(hello.ident, EngineWelcome(
+            hello.rid, eid, gw.heartbeat, gw.controller_id, resend or [], gw.relay.settings.to_wire(),
+            move_to or [], drop or [], self.view.to_wire() if self.view.live else {}))
+
+    def _adopt_tasks(self, eid: int, running: list[str], origin: tuple[str, int], now: float) -> list[str]:
+        """Make the tasks an engine of a dead controller holds ours: placeholders in the scheduler (their
+        records and inputs died with that controller); results are stored here and go to their clients."""
+        gw = self.gw
+        adopted = []
+        for tid in running:
+            if gw.scheduler.get(tid) is not None:
+                continue
+            task = Task(tid, "", "adopted", None, 0, 0, {"adopted_from": list(origin)}, None, now, attempts=1)
+            task.assigned = now
+            gw.scheduler.adopt(eid, task)
+            gw.journal.task_assigned(task)
+            gw.watch_submitter(tid)
+            adopted.append(tid)
+        gw.counters["adopted"] += len(adopted)
+        return adopted  # results it sent already (to the dead controller) are sent again
+
+    def on_heartbeat(self, ident: bytes, msg: Heartbeat, now: float) -> None:
+        gw = self.gw
+        known = gw.registry.seen(msg.engine_id, now, control_identity=ident)
+        gw.send_engine(ident, Heartbeat(msg.engine_id if known else -1))
+        if known and msg.running:
+            task = gw.scheduler.get(msg.running)
+            if task is not None and task.engine == msg.engine_id and not task.running:
+                task.running = True
+                gw.journal.task_running(task)
+
+    # ------------------------------------------------------------------ membership
+    def on_view(self, view: View, left: list[ControllerEntry]) -> None:
+        """The federation changed: tell everyone, and decide which of our engines belong elsewhere now."""
+        self.view = view
+        gw = self.gw
+        wire = Membership(view.to_wire())
+        for ident in list(gw.clients):
+            gw.send_client(ident, wire)
+        for rec in gw.registry.engines():
+            ctl = gw.registry.control_identity(rec.engine_id)
+            if ctl is not None:
+                gw.send_engine(ctl, wire)
+        if left:
+            log.info("controllers gone: %s", ", ".join(f"{e.cid} (epoch {e.epoch})" for e in left))
+        for eid in gw.registry.ids():
+            self._place(eid)
+
+    def _place(self, eid: int) -> None:
+        """Drain ``eid`` towards its rendezvous owner when that is another live controller (or stop draining)."""
+        gw = self.gw
+        if self.view.entry(gw.cid) is None:  # not in the view (not yet, paused or leaving): move nobody
+            return
+        home = self.view.owner(eid)
+        if home is None or home == gw.cid:
+            if self._moving.pop(eid, None) is not None:
+                gw.scheduler.drain(eid, False)
+            return
+        if self._moving.get(eid) != home:
+            self._moving[eid] = home
+            gw.scheduler.drain(eid)
+
+    def after_pass(self) -> None:
+        """Move the drained engines (cheap when none is draining)."""
+        if not self._moving:
+            return
+        gw = self.gw
+        for eid, home in list(self._moving.items()):
+            if not gw.scheduler.idle(eid):
+                continue
+            entry = self.view.entry(home)
+            ident = gw.registry.control_identity(eid)
+            if entry is None or ident is None:
+                continue  # (its new home vanished, or it has not heartbeated yet: decided again later)
+            self._moving.pop(eid)
+            gw.send_engine(ident, EngineMove(home, entry.engine_endpoint, "placement"))
+            gw.engine_left(eid, home)
+            self.moved_to[eid] = home
+            log.info("engine %d moves to controller %s (placement)", eid, home)
+
+    def send_everyone_away(self) -> None:
+        """This controller leaves: every engine goes to its owner among the others, with what it holds."""
+        gw = self.gw
+        for eid in gw.registry.ids():
+            home = self.view.owner(eid, exclude=[gw.cid])
+            entry = self.view.entry(home) if home is not None else None
+            ident = gw.registry.control_identity(eid)
+            if entry is None or ident is None:
+                continue
+            gw.send_engine(ident, EngineMove(entry.cid, entry.engine_endpoint, "controller leaving"))
+
+    def draining(self, eid: int) -> str | None:
+        """Where ``eid`` is going if it is draining towards (or moved to) another controller."""
+        return self._moving.get(eid) or self.moved_to.get(eid)
+
+    def membership_wire(self) -> dict[str, Any]:
+        return self.view.to_wire() if self.view.live else {}
