@@ -1,20 +1,20 @@
-"""The engine process: runs tasks in its main thread, heartbeats from a side thread.
+"""The engine process: runs tasks in its main thread; heartbeats and moves from a side thread.
 
 The main thread owns the task socket and executes tasks straight from it (no thread hand-off per
-task). While a batch of short tasks keeps arriving, results are sent back in batches too. The side
-thread owns a second socket for heartbeats and control, so ``EngineStop`` and liveness stay
-responsive while user code runs.
+task). While a batch of short tasks keeps arriving, results are sent back in batches too. The control
+thread (``control``) owns a second socket for heartbeats, membership and moves, so ``EngineStop``,
+liveness and re-homing stay responsive while user code runs; large payloads go through ``streams``.
 
-(About 520 lines, just over the soft cap: the stream loops here run inline on the main thread between tasks,
-over the task socket or a direct-stream socket, and share its codec, backlog and stop flag; their pure
-bookkeeping is in ``streams`` and the direct-stream connections in ``direct``.)
+Moving to another controller: the control thread connects a new task socket and raises the generation
+under ``_epoch_lock``; the main thread switches to that socket at its next step, and drops any batch read
+from the old one (it is not in the list of held tasks the new controller was given). A task batch is
+either listed in a (re-)registration or never run.
 """
 
 from __future__ import annotations
 
 import _thread
 import builtins
-import itertools
 import logging
 import os
 import signal
@@ -27,41 +27,16 @@ from typing import Any
 
 import zmq
 
-from fedpar.errors import (
-    ControllerUnavailable,
-    ProtocolError,
-    StreamAborted,
-    StreamCorrupted,
-    StreamError,
-    StreamTimeout,
-)
+from fedpar.engine.control import Control, Home
+from fedpar.engine.streams import StreamIO
+from fedpar.errors import ControllerUnavailable, FedparError, ProtocolError, StreamError
+from fedpar.federation.membership import View
 from fedpar.runtime import ConnectionInfo
-from fedpar.wire.codec import Codec, Received
-from fedpar.wire.direct import OFFER, EngineLinks
+from fedpar.wire.codec import Codec
+from fedpar.wire.direct import EngineLinks
 from fedpar.wire.payload import FunctionCache, describe_exception, dumps, dumps_result, loads
-from fedpar.wire.protocol import (
-    Chunk,
-    Credit,
-    EngineHello,
-    EngineStop,
-    EngineWelcome,
-    Heartbeat,
-    Results,
-    ResultSpec,
-    StreamAbort,
-    Tasks,
-)
-from fedpar.wire.streams import (
-    DELIVERED,
-    Receiver,
-    Sender,
-    StreamSettings,
-    frame_size,
-    memory_source,
-    parse_head,
-    should_stream,
-    untrusted_chunk_sid,
-)
+from fedpar.wire.protocol import EngineHello, EngineStop, EngineWelcome, Results, ResultSpec, Tasks
+from fedpar.wire.streams import StreamSettings, should_stream
 from fedpar.wire.transport import connect_dealer, readable, recv_parts, send_parts
 
 log = logging.getLogger(__name__)
@@ -70,7 +45,6 @@ RESULT_BATCH = 64
 RESULT_BATCH_SECONDS = 0.002
 RECENT_RESULTS = 1024  # results kept after sending, to resend if the controller dies before storing them
 RECENT_BYTES = 64 << 20
-DIRECT_FIRST_WAIT = 5.0  # seconds a client offering a direct stream has to answer (else: via the controller)
 
 
 class Reference:
@@ -86,89 +60,132 @@ class Reference:
 
 
 class Engine:
-    """One engine: register, then run tasks until told to stop or the controller goes silent."""
+    """One engine: register, then run tasks until told to stop or no controller answers."""
+
+    _sock: zmq.Socket[Any]
 
     def __init__(self, info: ConnectionInfo, *, controller_timeout: float = 30.0, replay_window: float = 300.0):
         self.info = info
         self.controller_timeout = controller_timeout
+        self.replay_window = replay_window
         self.uuid = uuidlib.uuid4().hex
         self.engine_id = -1
         self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
         self._functions = FunctionCache(rebind=self.namespace)
-        self._stop = threading.Event()
+        self.stop_event = threading.Event()
         self._busy = False
-        self._ctx = zmq.Context()
-        self._replay_window = replay_window
-        self._task_ident = f"t:{self.uuid}".encode()
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.task_ident = f"t:{self.uuid}".encode()
         self._holding: set[str] = set()  # task ids received whose results are not sent yet
         self._recent: OrderedDict[str, tuple[ResultSpec, list[Any]]] = OrderedDict()  # sent, kept a while
         self._recent_bytes = 0
         self._resend: deque[str] = deque()  # ids a re-registration asked for again
+        self._dropped: set[str] = set()  # held tasks a new controller did not adopt: never run or report them
         self._epoch = 0  # incarnation of the controller this engine is registered with
-        # Taken while the main thread checks a task batch's epoch and records its ids as held, and while the
-        # control thread raises the epoch: a batch is either listed in the re-registration or never run.
+        self._gen = 0  # raised by every move to another socket
+        self._swap: tuple[zmq.Socket[Any], int] | None = None  # a new task socket for the main thread
+        self._sock_gen = 0  # generation of the main thread's task socket ``_sock`` (set once registered)
+        # Taken while the main thread checks a task batch's epoch and generation and records its ids as held,
+        # and while the control thread raises either: a batch is listed in the next registration or never run.
         self._epoch_lock = threading.Lock()
-        self._current = ""  # id of the task being executed (read by the heartbeat)
-        self._stream = StreamSettings()  # the cluster's, from the controller's welcome
-        self._sids = itertools.count(1)
-        self._backlog: deque[Received] = deque()  # messages read while a stream was in progress
-        self._links = EngineLinks(self._ctx, f"d:{self.uuid}".encode())  # direct streams (fedpar.wire.direct)
+        self.current = ""  # id of the task being executed (read by the heartbeat)
+        self.view = View()  # the federation, as our controller last told us
+        self._links = EngineLinks(self.ctx, f"d:{self.uuid}".encode())  # direct streams (fedpar.wire.direct)
+        self.streams = StreamIO(self._links, self.stop_event.is_set, self._holding.discard, self._send_results)
 
     # ------------------------------------------------------------------ main thread
     def run(self, register_timeout: float = 30.0) -> int:
         """Serve until stopped. Returns the process exit code."""
-        task_ident = self._task_ident
-        sock = connect_dealer(self._ctx, self.info.engine_endpoint, task_ident)
-        codec = Codec(self.info.key, f"engine:{self.uuid}:t", replay_window=self._replay_window)
+        codec = Codec(self.info.key, f"engine:{self.uuid}:t", replay_window=self.replay_window)
         try:
-            heartbeat = self._register(sock, codec, task_ident, register_timeout)
-            ctl = threading.Thread(target=self._control_loop, args=(heartbeat,), name="fedpar-engine-control",
-                                   daemon=True)
-            ctl.start()
-            self._serve(sock, codec)
+            self._sock, home, heartbeat = self._register(codec, register_timeout)
+            control = Control(self, home, heartbeat)
+            threading.Thread(target=control.run, name="fedpar-engine-control", daemon=True).start()
+            self._serve(self._sock, codec)
             return 0
         except ControllerUnavailable as exc:
             log.error("%s", exc)
             return 3
         finally:
-            self._stop.set()
+            self.stop_event.set()
             self._links.close()
-            sock.close(0)
+            with self._epoch_lock:
+                swap, self._swap = self._swap, None
+            for s in (getattr(self, "_sock", None), swap[0] if swap else None):
+                if s is not None:
+                    s.close(0)
 
-    def _register(self, sock: zmq.Socket[Any], codec: Codec, task_ident: bytes, timeout: float) -> float:
-        hello = EngineHello(self.uuid, socket.gethostname(), os.getpid(), task_ident)
+    def _candidates(self) -> list[str]:
+        """Engine endpoints to try first: the connection file's controller(s), then the registry's."""
+        out = [self.info.engine_endpoint, *(c[1] for c in self.info.controllers)]
+        if self.info.discovery:
+            from fedpar.federation.discovery import live_controllers
+
+            try:
+                out.extend(e.engine_endpoint for e in live_controllers(self.info.discovery, self.info.cluster_id,
+                                                                        self.info.key))
+            except FedparError as exc:
+                log.warning("cannot read the discovery registry %s: %s", self.info.discovery, exc)
+        return list(dict.fromkeys(e for e in out if e))
+
+    def _register(self, codec: Codec, timeout: float) -> tuple[zmq.Socket[Any], Home, float]:
+        """Register with a controller (the one placement picks), trying each known endpoint in turn."""
         deadline = time.monotonic() + timeout
+        candidates = self._candidates()
+        tried = 0
+        endpoint = candidates[0]
+        redirected = False
         while time.monotonic() < deadline:
-            parts, _rid = codec.encode(hello)
-            send_parts(sock, parts)
+            sock = connect_dealer(self.ctx, endpoint, self.task_ident)
+            hello = EngineHello(self.uuid, socket.gethostname(), os.getpid(), self.task_ident, [], self.engine_id,
+                                [], redirected)
+            send_parts(sock, codec.encode(hello)[0])
+            welcome: EngineWelcome | None = None
+            epoch = 0
             if sock.poll(1000):
                 try:
                     rx = codec.decode(recv_parts(sock))
                 except ProtocolError as exc:
+                    sock.close(0)
                     raise ControllerUnavailable(f"controller answered with a bad message: {exc}") from exc
                 if isinstance(rx.msg, EngineWelcome):
-                    self.engine_id = rx.msg.engine_id
-                    self._epoch = rx.envelope.epoch
-                    self._stream = StreamSettings.from_wire(rx.msg.stream)
-                    log.info("registered as engine %d with controller %s", self.engine_id, rx.msg.controller)
-                    return rx.msg.heartbeat
-        raise ControllerUnavailable(
-            f"no controller answered at {self.info.engine_endpoint} within {timeout:.0f}s"
-        )
+                    welcome, epoch = rx.msg, rx.envelope.epoch
+            if welcome is None:
+                sock.close(0)
+                tried += 1
+                endpoint = candidates[tried % len(candidates)]
+                continue
+            self.engine_id = welcome.engine_id
+            if welcome.move_to:  # placement: this engine belongs to another controller
+                sock.close(0)
+                endpoint, redirected = welcome.move_to[1], True
+                continue
+            with self._epoch_lock:
+                self._epoch = epoch
+            self.streams.settings = StreamSettings.from_wire(welcome.stream)
+            if welcome.membership:
+                self.view = View.from_wire(welcome.membership)
+            log.info("registered as engine %d with controller %s", self.engine_id, welcome.controller)
+            return sock, Home(welcome.controller, epoch, endpoint), welcome.heartbeat
+        raise ControllerUnavailable(f"no controller answered at {', '.join(candidates)} within {timeout:.0f}s")
 
     def _serve(self, sock: zmq.Socket[Any], codec: Codec) -> None:
         results: list[ResultSpec] = []
         frames: list[Any] = []
         first_pending = 0.0
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        while not self._stop.is_set():
+        self._sock = sock
+        self._sock_gen = self._gen
+        backlog = self.streams.backlog
+        while not self.stop_event.is_set():
+            if self._swap is not None:  # moved to another controller: continue on the new socket
+                self._take_swap()
+            sock, gen = self._sock, self._sock_gen
             if self._resend:
                 self._resend_results(sock, codec)
-            if self._backlog:
-                rx = self._backlog.popleft()
+            if backlog:
+                rx = backlog.popleft()
             else:
-                if not (readable(sock) or (not results and poller.poll(200))):
+                if not (readable(sock) or (not results and sock.poll(200))):
                     if results:
                         self._send_results(sock, codec, results, frames)
                         results, frames = [], []
@@ -183,13 +200,13 @@ class Engine:
             if not isinstance(rx.msg, Tasks):
                 continue
             with self._epoch_lock:
-                stale = rx.envelope.epoch < self._epoch
+                stale = gen != self._gen or rx.envelope.epoch < self._epoch
                 if not stale:
                     self._holding.update(spec.task_id for spec in rx.msg.tasks)
             if stale:
-                # Sent by a controller that died before we read it; we registered again since without
-                # listing these tasks, so the new controller has retried or failed them: never run them.
-                log.info("dropping %d task(s) from controller epoch %d", len(rx.msg.tasks), rx.envelope.epoch)
+                # Sent by a controller we left (or one that died before we read it): we registered again since
+                # without listing these tasks, so they were retried or resubmitted elsewhere: never run them.
+                log.info("dropping %d task(s) from a controller this engine no longer serves", len(rx.msg.tasks))
                 continue
             if not results:
                 first_pending = time.monotonic()
@@ -197,22 +214,25 @@ class Engine:
             for spec in rx.msg.tasks:
                 tframes = rx.frames[pos:pos + spec.nframes]
                 pos += spec.nframes
+                if self._dropped and spec.task_id in self._dropped:
+                    self._forget(spec.task_id)
+                    continue
                 head = spec.spec.get("stream")
                 if head is not None:  # large arguments: received into their final memory first
                     try:
-                        tframes = self._receive_args(sock, codec, head, spec.spec)
+                        tframes = self.streams.receive_args(sock, codec, head, spec.spec)
                     except StreamError as exc:
                         now = time.time()
                         results.append(ResultSpec(spec.task_id, False, self.engine_id, now, now,
                                                   [f"fedpar.{type(exc).__name__}", str(exc), ""], 0))
                         continue
                 res, rframes = self._run_task(spec.task_id, spec.op, spec.spec, tframes)
-                if should_stream(rframes, self._stream.threshold):  # a large result: sent as a stream
+                if should_stream(rframes, self.streams.settings.threshold):  # a large result: sent as a stream
                     if results:
                         self._send_results(sock, codec, results, frames)
                         results, frames = [], []
                     direct = self._links.socket_for(spec.spec) if spec.op == "pull" else None
-                    self._stream_result(sock, codec, res, rframes, direct)
+                    self.streams.stream_result(self._take_swap(), codec, res, rframes, direct)
                     continue
                 results.append(res)
                 frames.extend(rframes)
@@ -220,9 +240,39 @@ class Engine:
                 self._send_results(sock, codec, results, frames)
                 results, frames = [], []
         if results:
-            self._send_results(sock, codec, results, frames)
+            self._send_results(self._sock, codec, results, frames)
+
+    def _take_swap(self) -> zmq.Socket[Any]:
+        """The task socket to use now: the new one if the control thread prepared a move (main thread)."""
+        if self._swap is not None:
+            with self._epoch_lock:
+                swap, self._swap = self._swap, None
+            if swap is not None:
+                self._sock.close(0)
+                self._sock, self._sock_gen = swap
+                self.streams.backlog.clear()
+        return self._sock
+
+    def _forget(self, task_id: str) -> None:
+        self._dropped.discard(task_id)
+        self._holding.discard(task_id)
 
     def _send_results(self, sock: zmq.Socket[Any], codec: Codec, results: list[ResultSpec], frames: list[Any]) -> None:
+        if self._swap is not None and sock is self._sock:  # (moving: results go to the new controller)
+            sock = self._take_swap()
+        if self._dropped:  # (results of tasks a new controller did not adopt: nobody may count them)
+            keep = [i for i, r in enumerate(results) if r.task_id not in self._dropped]
+            if len(keep) != len(results):
+                offsets = [0]
+                for r in results:
+                    offsets.append(offsets[-1] + r.nframes)
+                for r in results:
+                    if r.task_id in self._dropped:
+                        self._forget(r.task_id)
+                frames = [f for i in keep for f in frames[offsets[i]:offsets[i + 1]]]
+                results = [results[i] for i in keep]
+                if not results:
+                    return
         parts, _ = codec.encode(Results(results), frames)
         send_parts(sock, parts)
         pos = 0
@@ -237,139 +287,8 @@ class Engine:
             _, (_, fr) = recent.popitem(last=False)
             self._recent_bytes -= sum(len(f) for f in fr)
 
-    # ------------------------------------------------------------------ streams
-    def _next_message(self, sock: zmq.Socket[Any], codec: Codec, sid: int, deadline: float,
-                      backlog: bool = True) -> Received | None:
-        """The next message of stream ``sid`` (a chunk, credit or abort) within ``deadline``; other messages
-        go to the backlog (``backlog``: the task socket) or are dropped (a direct-stream socket). None on
-        timeout. Raises ``StreamCorrupted`` for a chunk failing authentication."""
-        while True:
-            left = deadline - time.monotonic()
-            if self._stop.is_set():
-                raise StreamAborted("the engine is stopping")
-            if left <= 0 or not sock.poll(int(min(left, 0.2) * 1000) + 1):
-                if left <= 0:
-                    return None
-                if not backlog and self._links.gone(sock):
-                    raise StreamAborted("the client's direct-stream connection closed (it died or closed)")
-                continue
-            parts = recv_parts(sock)
-            try:
-                rx = codec.decode(parts)
-            except ProtocolError as exc:
-                if untrusted_chunk_sid(parts) == sid:
-                    raise StreamCorrupted(f"a chunk of stream {sid} failed authentication ({exc})") from None
-                log.warning("dropped a bad message on the task socket: %s", exc)
-                continue
-            msg = rx.msg
-            if isinstance(msg, (Chunk, Credit, StreamAbort)):
-                if msg.sid == sid:
-                    return rx
-                continue  # a stream that is over
-            if backlog:
-                self._backlog.append(rx)
-
-    def _receive_args(self, sock: zmq.Socket[Any], codec: Codec, head: Any, spec: dict[str, Any]) -> list[Any]:
-        """A task's streamed arguments: from the controller, or straight from the client if it offered them."""
-        if OFFER not in spec:
-            return self._receive_stream(sock, codec, head)
-        direct = self._links.socket_for(spec)
-        if direct is None:
-            raise StreamAborted("the client offering the task's arguments directly is gone (or on another host)")
-        try:
-            return self._receive_stream(direct, codec, head, backlog=False)
-        except StreamError:
-            self._links.forget(direct)
-            raise
-
-    def _receive_stream(self, sock: zmq.Socket[Any], codec: Codec, head: Any, backlog: bool = True) -> list[Any]:
-        """Receive a task's streamed arguments into their final memory (one bytearray per frame)."""
-        sid, sizes = parse_head(head)
-        timeout = self._stream.timeout
-        rec = Receiver(sid, sizes, self._stream.window, time.monotonic())
-        try:
-            while not rec.done:
-                upto = rec.credit()
-                if upto is not None:
-                    send_parts(sock, codec.encode(Credit(sid, upto))[0])
-                rx = self._next_message(sock, codec, sid, rec.touched + timeout, backlog)
-                if rx is None:
-                    raise StreamTimeout(f"no chunk of the task's arguments for {timeout:.0f}s "
-                                        f"({rec.next} of {len(rec)} received)")
-                msg = rx.msg
-                if isinstance(msg, StreamAbort):
-                    raise StreamAborted(f"the sender abandoned the arguments' stream: {msg.ename}: {msg.evalue}")
-                if isinstance(msg, Chunk):
-                    rec.accept(msg.index, rx.frames[0], time.monotonic())
-        except StreamError as exc:
-            if not isinstance(exc, StreamAborted):
-                send_parts(sock, codec.encode(StreamAbort(sid, type(exc).__name__, str(exc)))[0])
-            raise
-        return rec.frames()
-
-    def _stream_result(self, sock: zmq.Socket[Any], codec: Codec, res: ResultSpec, frames: list[Any],
-                       direct: zmq.Socket[Any] | None = None) -> None:
-        """Send a large result as a stream: straight to the client on ``direct`` if given (the controller is
-        then told it was ``DELIVERED``), else, or if that fails, through the controller."""
-        if direct is not None:
-            why = self._send_stream(direct, codec, res, frames, min(DIRECT_FIRST_WAIT, self._stream.timeout), False,
-                                    acknowledged=True)
-            if why is None:
-                sizes = [frame_size(f) for f in frames]
-                send_parts(sock, codec.encode(Results([res._replace(nframes=0, stream=[DELIVERED, sizes])]))[0])
-                self._holding.discard(res.task_id)
-                return
-            log.info("direct stream of task %s's result failed (%s: %s); sending it through the controller",
-                     res.task_id, *why)
-            self._links.forget(direct)
-        why = self._send_stream(sock, codec, res, frames, self._stream.timeout, True)
-        if why is not None and not why[1].startswith("duplicate"):  # report the failure, so the task does not hang
-            ename, evalue = why
-            log.warning("could not stream the result of task %s: %s: %s", res.task_id, ename, evalue)
-            err = res._replace(ok=False, nframes=0, stream=None,
-                               error=[f"fedpar.{ename}", f"the result stream failed: {ename}: {evalue}", ""])
-            self._send_results(sock, codec, [err], [])
-            return
-        self._holding.discard(res.task_id)  # (a "duplicate" abort: the task is finished already, nothing is lost)
-
-    def _send_stream(self, sock: zmq.Socket[Any], codec: Codec, res: ResultSpec, frames: list[Any],
-                     first_wait: float, backlog: bool, acknowledged: bool = False) -> tuple[str, str] | None:
-        """Send ``res``'s head then its chunks as credit arrives; (error class, message) if it fails.
-
-        ``acknowledged`` (a direct stream): done only when the receiver confirms it took every chunk (a
-        ``Credit`` covering the whole stream, arriving after the last chunk was sent)."""
-        sid = next(self._sids)
-        sizes = [frame_size(f) for f in frames]
-        timeout = self._stream.timeout
-        sender = Sender(sid, sizes, memory_source(frames), time.monotonic())
-        send_parts(sock, codec.encode(Results([res._replace(nframes=0, stream=[sid, sizes])]))[0])
-        try:
-            while not sender.done:
-                wait = timeout if sender.upto else first_wait
-                rx = self._next_message(sock, codec, sid, sender.touched + wait, backlog)
-                if rx is None:
-                    return "StreamTimeout", f"the receiver granted no credit for {wait:.0f}s"
-                msg = rx.msg
-                if isinstance(msg, StreamAbort):
-                    return msg.ename, msg.evalue
-                if isinstance(msg, Credit):
-                    sender.grant(msg.upto, time.monotonic())
-                    for index, data in sender.ready():
-                        send_parts(sock, codec.encode(Chunk(sid, index), [data])[0])
-            while acknowledged:
-                rx = self._next_message(sock, codec, sid, time.monotonic() + first_wait, backlog)
-                if rx is None:
-                    return "StreamTimeout", f"the receiver did not acknowledge the stream within {first_wait:.0f}s"
-                if isinstance(rx.msg, StreamAbort):
-                    return rx.msg.ename, rx.msg.evalue
-                if isinstance(rx.msg, Credit) and rx.msg.upto >= len(sender):
-                    break
-        except StreamError as exc:
-            return type(exc).__name__, str(exc)
-        return None
-
     def _resend_results(self, sock: zmq.Socket[Any], codec: Codec) -> None:
-        """Send again the results a restarted controller asked for (those still remembered)."""
+        """Send again the results a (new or restarted) controller asked for (those still remembered)."""
         again: list[ResultSpec] = []
         frames: list[Any] = []
         while self._resend:
@@ -380,23 +299,56 @@ class Engine:
         if again:
             send_parts(sock, codec.encode(Results(again), frames)[0])
 
+    # ------------------------------------------------------------------ for the control thread
+    def holding_now(self) -> set[str]:
+        """Ids of the tasks this engine holds (received, result not sent)."""
+        with self._epoch_lock:
+            return set(self._holding) - self._dropped
+
+    def recent_ids(self) -> set[str]:
+        return set(self._recent.copy())
+
+    def raise_epoch(self, epoch: int) -> None:
+        """The controller restarted: batches of older incarnations are not started from now on."""
+        with self._epoch_lock:
+            self._epoch = max(self._epoch, epoch)
+
+    def switch(self, endpoint: str) -> None:
+        """Move: a new task socket to ``endpoint`` for the main thread; batches of the old one are dropped."""
+        new = connect_dealer(self.ctx, endpoint, self.task_ident)
+        with self._epoch_lock:
+            old, self._swap = self._swap, None
+            self._gen += 1
+            self._epoch = 0
+            self._swap = (new, self._gen)
+        if old is not None:
+            old[0].close(0)
+
+    def welcomed(self, msg: EngineWelcome, epoch: int) -> None:
+        """A controller registered this engine (again): its epoch, settings, what to resend, what to drop."""
+        with self._epoch_lock:
+            self._epoch = epoch
+            self._dropped.update(msg.drop)
+        self.streams.settings = StreamSettings.from_wire(msg.stream)
+        self._resend.extend(msg.resend)
+
     # ------------------------------------------------------------------ tasks
     def _run_task(self, task_id: str, op: str, spec: dict[str, Any], frames: list[Any]) -> tuple[ResultSpec, list[Any]]:
         started = time.time()
         self._busy = True
-        self._current = task_id
+        self.current = task_id
         try:
             value = self._execute(op, spec, frames)
             out = dumps_result(value)
             return ResultSpec(task_id, True, self.engine_id, started, time.time(), None, len(out)), out
         except BaseException as exc:  # user code may raise anything, KeyboardInterrupt included
-            if self._stop.is_set() and isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            if self.stop_event.is_set() and isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise  # the engine is being stopped: not a failure of the task
             err = describe_exception(exc)
             return ResultSpec(task_id, False, self.engine_id, started, time.time(), err, 0), []
         finally:
             self._busy = False
-            self._current = ""
+            self.current = ""
 
     def _execute(self, op: str, spec: dict[str, Any], frames: list[Any]) -> Any:
         ns = self.namespace
@@ -436,73 +388,15 @@ class Engine:
             kwargs = {k: _lookup(ns, v.name) if type(v) is Reference else v for k, v in kwargs.items()}
         return args, kwargs
 
-    # ------------------------------------------------------------------ control thread
-    def _control_loop(self, heartbeat: float) -> None:
-        """Heartbeats both ways; re-registers when a restarted controller does not know this engine;
-        stops on ``EngineStop`` or after ``controller_timeout`` seconds of silence."""
-        sock = connect_dealer(self._ctx, self.info.engine_endpoint, f"c:{self.uuid}".encode())
-        codec = Codec(self.info.key, f"engine:{self.uuid}:c", replay_window=self._replay_window)
-        last_ack = time.monotonic()
-        last_hello = 0.0
-        reason = ""
-        try:
-            while not self._stop.is_set() and not reason:
-                parts, _ = codec.encode(Heartbeat(self.engine_id, self._current))
-                send_parts(sock, parts)
-                deadline = time.monotonic() + heartbeat
-                unknown = False
-                while not reason and (left := deadline - time.monotonic()) > 0:
-                    if not sock.poll(int(left * 1000) + 1):
-                        break
-                    try:
-                        rx = codec.decode(recv_parts(sock))
-                    except ProtocolError as exc:
-                        log.warning("dropped a bad control message: %s", exc)
-                        continue
-                    msg = rx.msg
-                    if isinstance(msg, Heartbeat):
-                        last_ack = time.monotonic()
-                        unknown = msg.engine_id == -1
-                        if unknown:
-                            # From now on, tasks of older incarnations are not started (see _serve): what
-                            # the main thread took before this point is in _holding and listed below.
-                            with self._epoch_lock:
-                                self._epoch = max(self._epoch, rx.envelope.epoch)
-                    elif isinstance(msg, EngineWelcome):
-                        last_ack = time.monotonic()
-                        with self._epoch_lock:
-                            self._epoch = rx.envelope.epoch
-                        self._stream = StreamSettings.from_wire(msg.stream)
-                        self._resend.extend(msg.resend)
-                        if msg.engine_id != self.engine_id:
-                            log.info("engine %d is now engine %d", self.engine_id, msg.engine_id)
-                        self.engine_id = msg.engine_id
-                    elif isinstance(msg, EngineStop):
-                        reason = msg.reason or "stop requested"
-                if unknown and time.monotonic() - last_hello > heartbeat:
-                    # The controller restarted (or lost us): register again and say what we still hold.
-                    last_hello = time.monotonic()
-                    held = self._holding.copy() | set(self._recent.copy())
-                    hello = EngineHello(self.uuid, socket.gethostname(), os.getpid(), self._task_ident, sorted(held))
-                    send_parts(sock, codec.encode(hello)[0])
-                    log.info("engine %d registering again (holding %d task(s))", self.engine_id, len(hello.running))
-                if not reason and time.monotonic() - last_ack > self.controller_timeout:
-                    reason = f"controller silent for {self.controller_timeout:.0f}s"
-        finally:
-            sock.close(0)
-        if reason:
-            log.info("engine %d stopping: %s", self.engine_id, reason)
-            self._halt()
-
     def terminate(self) -> None:
         """Stop now (SIGTERM): interrupt user code if a task runs; the task is not reported."""
-        self._stop.set()
+        self.stop_event.set()
         if self._busy:
             _thread.interrupt_main()
 
-    def _halt(self) -> None:
+    def halt(self) -> None:
         """Stop the main thread: at once if idle, by interrupting user code if busy, else hard exit."""
-        self._stop.set()
+        self.stop_event.set()
         deadline = time.monotonic() + 1.0
         while self._busy and time.monotonic() < deadline:
             time.sleep(0.01)
