@@ -30,7 +30,31 @@ def _config(args: argparse.Namespace) -> Config:
         overrides.setdefault("controller", {})["host"] = args.host
     if getattr(args, "cluster_id", None):
         overrides.setdefault("cluster", {})["id"] = args.cluster_id
+    if getattr(args, "discovery", None):
+        overrides.setdefault("discovery", {})["url"] = args.discovery
     return load_config(args.config, overrides)
+
+
+def _key(args: argparse.Namespace) -> bytes | None:
+    """The cluster key given on stdin (``--key-stdin``, hex) or in a file (``--key-file``), else None."""
+    from fedpar.runtime import read_key_file
+
+    if getattr(args, "key_stdin", False):
+        return bytes.fromhex(sys.stdin.readline().strip())
+    if getattr(args, "key_file", None):
+        path = Path(args.key_file)
+        if not path.exists() and args.command == "controller":
+            from fedpar.wire.signing import new_cluster_key
+
+            try:  # the first controller of a federation makes the key (0600 from its first byte)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(new_cluster_key())
+        return read_key_file(path)
+    return None
 
 
 def _conn_path(args: argparse.Namespace, cfg: Config) -> Path:
@@ -46,7 +70,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
     from fedpar.runtime import state_dir
 
     cfg = _config(args)
-    key = bytes.fromhex(sys.stdin.readline().strip()) if args.key_stdin else None
+    key = _key(args)
     sd = Path(args.state_dir) if args.state_dir else state_dir(cfg, cfg.cluster.id)
     return run_controller(cfg, cluster_id=cfg.cluster.id, state_dir=sd, key=key,
                           connection_file=_conn_path(args, cfg), parent_pid=args.parent_pid)
@@ -57,7 +81,12 @@ def cmd_engine(args: argparse.Namespace) -> int:
     from fedpar.runtime import read_connection_file
 
     cfg = _config(args)
-    info = read_connection_file(_conn_path(args, cfg), cfg)
+    if args.discovery:  # find the controllers through the registry (the key from --key-file or a connection file)
+        from fedpar.client.client import _info_from_discovery
+
+        info = _info_from_discovery(args.discovery, cfg.cluster.id, _key(args))
+    else:
+        info = read_connection_file(_conn_path(args, cfg), cfg)
     return run_engine(info, controller_timeout=cfg.engines.controller_timeout,
                       replay_window=cfg.security.replay_window)
 
@@ -84,18 +113,33 @@ def cmd_cluster_start(args: argparse.Namespace) -> int:
               file=sys.stderr)
         remove_connection_file(path)
     n = cfg.engines.n if args.n is None else args.n
-    sd = Path(args.state_dir) if args.state_dir else state_dir(cfg, cfg.cluster.id)
+    k = args.controllers
+    if k < 1:
+        print("--controllers must be at least 1", file=sys.stderr)
+        return 2
+    sd = (Path(args.state_dir) if args.state_dir else state_dir(cfg, cfg.cluster.id)).resolve()
+    discovery = cfg.discovery.url or (f"lmdb://{sd / 'registry'}" if k > 1 else "")
+    key = None
+    if discovery:
+        from fedpar.client.cluster import _cluster_key
+
+        key = _cluster_key(sd)
     launcher = LocalLauncher(cluster_id=cfg.cluster.id, connection_file=path, state_dir=sd,
-                             config_file=args.config, log_dir=sd / "logs")
-    info = launcher.start_controller(wait=30)
+                             config_file=args.config, log_dir=sd / "logs", discovery=discovery, key=key)
+    infos = [launcher.wait_controller(i, wait=30) for i in [launcher.spawn_controller() for _ in range(k)]]
+    info = replace(infos[0], discovery=discovery,
+                   controllers=tuple((x.client_endpoint, x.engine_endpoint) for x in infos) if discovery else ())
+    write_connection_file(info, path)
     pids = launcher.start_engines(n)
-    write_connection_file(replace(info, engine_pids=tuple(pids)), path)
+    info = replace(info, engine_pids=tuple(pids), controller_pids=tuple(x.controller_pid for x in infos))
+    write_connection_file(info, path)
     with Client(info) as client:
         try:
             client.wait_for_engines(n, timeout=args.timeout)
         except FedparError as exc:
             print(f"warning: {exc}; logs in {sd / 'logs'}", file=sys.stderr)
-    print(f"cluster {cfg.cluster.id!r} started: controller pid {info.controller_pid}, {n} engines")
+    ctl = ", ".join(str(x.controller_pid) for x in infos)
+    print(f"cluster {cfg.cluster.id!r} started: controller pid{'s' if k > 1 else ''} {ctl}, {n} engines")
     print(f"connection file: {path}")
     return 0
 
@@ -112,7 +156,7 @@ def cmd_cluster_stop(args: argparse.Namespace) -> int:
             client.shutdown(timeout=5)
     except FedparError as exc:
         print(f"controller did not answer ({exc}); signalling the processes", file=sys.stderr)
-    pids = [p for p in (info.controller_pid, *info.engine_pids) if _is_fedpar(p)]  # never a reused pid
+    pids = [p for p in (info.controller_pid, *info.controller_pids, *info.engine_pids) if _is_fedpar(p)]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.05)
@@ -132,7 +176,9 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
     cfg = _config(args)
     with Client(_conn_path(args, cfg), timeout=5) as client:
         st = client.status()
-    print(f"controller {st['controller']} (epoch {st['epoch']})")
+    for c in st["controllers"]:
+        print(f"controller {c['id']} (epoch {c['epoch']}, pid {c['pid']} on {c['host']}): {len(c['engines'])} "
+              f"engine(s), {c['queued']} queued, {c['done']} done")
     print(f"engines: {len(st['engines'])}")
     for e in st["engines"]:
         print(f"  engine {e['id']}: pid {e['pid']} on {e['host']}, {e['load']} task(s) assigned")
@@ -175,11 +221,19 @@ def parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", help="an .ini file (default: $FEDPAR_CONFIG, else built-in defaults)")
-        sp.add_argument("--cluster-id", help="cluster name (default: [cluster] id, 'default')")
+        sp.add_argument("--cluster-id", "--cluster", dest="cluster_id",
+                        help="cluster name (default: [cluster] id, 'default')")
         sp.add_argument("--connection-file", help="path of the connection file")
+
+    def federated(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--discovery", help="registry URL of a federation: lmdb:///DIR, etcd://HOST:PORT, "
+                                            "consul://HOST:PORT (default: [discovery] url)")
+        sp.add_argument("--key-file", help="the cluster key, shared by every process of a federation (a "
+                                           "controller creates it, 0600, when it does not exist)")
 
     c = sub.add_parser("controller", help="run a controller in the foreground")
     common(c)
+    federated(c)
     c.add_argument("--state-dir", help="store directory; an existing one is resumed")
     c.add_argument("--host", help="address to bind (default 127.0.0.1)")
     c.add_argument("--parent-pid", type=int, help="stop when this process dies")
@@ -188,6 +242,7 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("engine", help="run an engine in the foreground")
     common(e)
+    federated(e)
     e.set_defaults(func=cmd_engine)
 
     cl = sub.add_parser("cluster", help="start, stop or inspect a background cluster")
@@ -195,6 +250,9 @@ def parser() -> argparse.ArgumentParser:
     s = clsub.add_parser("start", help="start a controller and engines in the background")
     common(s)
     s.add_argument("-n", type=int, help="number of engines (default: [engines] n)")
+    s.add_argument("--controllers", type=int, default=1, help="controllers federated as one (default 1)")
+    s.add_argument("--discovery", help="registry URL for the federation (default: an embedded one in the state "
+                                       "directory when --controllers > 1)")
     s.add_argument("--state-dir")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the engines")
     s.set_defaults(func=cmd_cluster_start)

@@ -34,6 +34,7 @@ __all__ = [
     "lock_state_dir",
     "new_cluster_id",
     "read_connection_file",
+    "read_key_file",
     "remove_connection_file",
     "runtime_dir",
     "state_dir",
@@ -61,6 +62,9 @@ class ConnectionInfo:
     state_dir: str
     created: float
     engine_pids: tuple[int, ...] = ()
+    discovery: str = ""  # the federation's registry URL ("" for a lone controller)
+    controllers: tuple[tuple[str, str], ...] = ()  # (client, engine) endpoints of every controller at writing
+    controller_pids: tuple[int, ...] = ()  # every controller's pid when several were started together
 
     def __repr__(self) -> str:  # never print the key by accident
         shown = ", ".join(
@@ -235,6 +239,8 @@ def _to_json(info: ConnectionInfo) -> str:
     data: dict[str, Any] = dataclasses.asdict(info)
     data["key"] = base64.b64encode(info.key).decode("ascii")
     data["engine_pids"] = list(info.engine_pids)
+    data["controllers"] = [list(c) for c in info.controllers]
+    data["controller_pids"] = list(info.controller_pids)
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
@@ -344,7 +350,7 @@ def read_connection_file(
         raise ConnectionFileError(f"connection file {path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ConnectionFileError(f"connection file {path} does not hold a JSON object")
-    required = [f.name for f in dataclasses.fields(ConnectionInfo) if f.name != "engine_pids"]
+    required = [f.name for f in dataclasses.fields(ConnectionInfo) if f.default is dataclasses.MISSING]
     missing = [name for name in required if name not in data]
     if missing:
         raise ConnectionFileError(f"connection file {path} lacks field(s): {', '.join(missing)}")
@@ -356,9 +362,19 @@ def read_connection_file(
         raise ConnectionFileError(
             f"connection file {path}: the key has {len(key)} bytes, at least {_MIN_KEY_BYTES} are needed")
     pids = data.get("engine_pids", [])
-    if not isinstance(pids, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in pids):
-        raise ConnectionFileError(f"connection file {path}: 'engine_pids' must be a list of integers")
+    cpids = data.get("controller_pids", [])
+    for name, value in (("engine_pids", pids), ("controller_pids", cpids)):
+        if not isinstance(value, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in value):
+            raise ConnectionFileError(f"connection file {path}: {name!r} must be a list of integers")
+    discovery = data.get("discovery", "")
+    controllers = data.get("controllers", [])
+    if not isinstance(discovery, str) or not isinstance(controllers, list) or not all(
+            isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in controllers):
+        raise ConnectionFileError(f"connection file {path}: 'discovery' must be a string and 'controllers' a list "
+                                  "of [client endpoint, engine endpoint] pairs")
     return ConnectionInfo(
+        discovery=discovery,
+        controllers=tuple((c[0], c[1]) for c in controllers),
         cluster_id=_field(data, "cluster_id", str, path),
         key=key,
         client_endpoint=_field(data, "client_endpoint", str, path),
@@ -368,7 +384,27 @@ def read_connection_file(
         state_dir=_field(data, "state_dir", str, path),
         created=float(_field(data, "created", (int, float), path)),
         engine_pids=tuple(pids),
+        controller_pids=tuple(cpids),
     )
+
+
+def read_key_file(path: Path) -> bytes:
+    """A cluster key from a file (raw bytes, at least 16; the ``cluster.key`` of a state directory has 32).
+
+    Refuses a file other users can read or write: whoever holds the key can run code on the engines."""
+    try:
+        with open(path, "rb") as fh:
+            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+            key = fh.read(4097)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the cluster key file {path}: {exc}") from exc
+    if mode & 0o077 and sys.platform != "win32":
+        raise ConfigError(f"the cluster key file {path} has mode {mode:#o}: other users could read it; "
+                          f"chmod 600 {path}")
+    if not _MIN_KEY_BYTES <= len(key) <= 4096:
+        raise ConfigError(f"the cluster key file {path} holds {len(key)} bytes; a key has 16 to 4096 (fedpar makes "
+                          "32-byte keys)")
+    return key
 
 
 def remove_connection_file(path: str | Path) -> None:

@@ -1,17 +1,24 @@
-"""``Cluster``: start a controller and engines from the user's own script, and stop them cleanly.
+"""``Cluster``: start controllers and engines from the user's own script, and stop them cleanly.
 
     with fedpar.Cluster(n=4) as client:
         print(client[:].apply_sync(os.getpid))
 
+    with fedpar.Cluster(n=6, controllers=3) as client:     # three controllers federated as one
+        ...
+
 The ``with`` block yields a connected ``Client`` once ``n`` engines are up, and on exit (normal, an
-exception, or Ctrl-C) stops every process it started: a shutdown request first, then SIGTERM, then
-SIGKILL for anything still alive. An ``atexit`` hook and the controller's parent watch cover scripts
+exception, or Ctrl-C) stops every process it started: a shutdown request first, then signals, then
+SIGKILL for anything still alive. An ``atexit`` hook and the controllers' parent watch cover scripts
 that never reach ``stop()``.
+
+The controllers federate through a discovery registry: by default an embedded one in the cluster's state
+directory (``lmdb://<state_dir>/registry``), so controllers can be added and stopped while work runs.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -22,20 +29,32 @@ from fedpar.client.client import Client
 from fedpar.config import Config, load_config
 from fedpar.errors import ClusterError, FedparError
 from fedpar.launch.local import LocalLauncher
-from fedpar.runtime import ConnectionInfo, connection_file_path, new_cluster_id
+from fedpar.runtime import (
+    ConnectionInfo,
+    connection_file_path,
+    new_cluster_id,
+    remove_connection_file,
+    write_connection_file,
+)
+from fedpar.wire.signing import KEY_BYTES, new_cluster_key
 
 
 class Cluster:
-    """A controller plus ``n`` engines on this machine, owned by this Python process.
+    """Controllers plus ``n`` engines on this machine, owned by this Python process.
 
-    ``state_dir`` keeps the controller's store (results, task records) across runs; by default a fresh
-    temporary one is used and deleted on ``stop()``. ``config`` is a ``Config`` or a path to an ``.ini``.
+    ``controllers`` controller processes federate into one logical controller (``add_controller`` and
+    ``stop_controller`` change that while work runs). ``discovery`` is the registry URL they federate through
+    (default ``[discovery] url``, else an embedded registry in the state directory). ``state_dir`` keeps the
+    controllers' stores (results, task records) across runs; by default a fresh temporary one is used and
+    deleted on ``stop()``. ``config`` is a ``Config`` or a path to an ``.ini``.
     """
 
     def __init__(
         self,
         n: int | None = None,
         *,
+        controllers: int = 1,
+        discovery: str | None = None,
         cluster_id: str | None = None,
         config: Config | str | os.PathLike[str] | None = None,
         state_dir: str | os.PathLike[str] | None = None,
@@ -46,40 +65,64 @@ class Cluster:
         self.n = self.config.engines.n if n is None else n
         if self.n < 0:
             raise ValueError("n must be >= 0")
+        if controllers < 1:
+            raise ValueError("controllers must be >= 1")
+        self.controllers = controllers
         self.cluster_id = cluster_id or new_cluster_id()
         self._own_state = state_dir is None
-        self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix=f"fedpar-{self.cluster_id}-"))
+        self.state_dir = (Path(state_dir).resolve() if state_dir
+                          else Path(tempfile.mkdtemp(prefix=f"fedpar-{self.cluster_id}-")))
+        self.discovery = discovery or self.config.discovery.url or f"lmdb://{self.state_dir / 'registry'}"
         self.connection_file = connection_file_path(self.cluster_id, self.config)
         self.log_dir = Path(log_dir) if log_dir else self.state_dir / "logs"
         self._launcher: LocalLauncher | None = None
         self._client: Client | None = None
         self.info: ConnectionInfo | None = None
+        self._infos: dict[int, ConnectionInfo] = {}  # controller number -> its connection info
         self._started = 0  # engines started (n plus add_engines)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 30.0) -> Cluster:
-        """Start the controller and the engines (returns at once; see ``wait_for_engines``)."""
+        """Start the controllers and the engines (returns once the controllers serve; see ``wait_for_engines``)."""
         if self._launcher is not None:
             raise ClusterError("this cluster is already started")
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         config_file = self._config_file
         if config_file is None:  # a Config object (or defaults): hand the children the same settings
-            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             path = self.state_dir / "fedpar.ini"
             path.write_text(self.config.to_ini())
             config_file = str(path)
         self._launcher = LocalLauncher(
             cluster_id=self.cluster_id, connection_file=self.connection_file, state_dir=self.state_dir,
-            config_file=config_file, log_dir=self.log_dir, parent_pid=os.getpid(),
+            config_file=config_file, log_dir=self.log_dir, parent_pid=os.getpid(), discovery=self.discovery,
+            key=_cluster_key(self.state_dir),
         )
         atexit.register(self.stop)
         try:
-            self.info = self._launcher.start_controller(wait=timeout)
+            started = [self._launcher.spawn_controller() for _ in range(self.controllers)]
+            for i in started:
+                self._infos[i] = self._launcher.wait_controller(i, wait=timeout)
+            self._publish()
             self._launcher.start_engines(self.n)
             self._started = self.n
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _publish(self) -> None:
+        """Write the cluster's connection file: every live controller, the registry, the key."""
+        launcher = self._launcher
+        assert launcher is not None
+        live = [i for i in sorted(self._infos) if launcher.controllers[i].poll() is None]
+        if not live:
+            return
+        first = self._infos[live[0]]
+        self.info = dataclasses.replace(
+            first, discovery=self.discovery,
+            controllers=tuple((self._infos[i].client_endpoint, self._infos[i].engine_endpoint) for i in live),
+            engine_pids=tuple(p.pid for p in launcher.engines))
+        write_connection_file(self.info, self.connection_file)
 
     def add_engines(self, n: int) -> list[int]:
         """Start ``n`` more engines; returns their pids."""
@@ -88,6 +131,24 @@ class Cluster:
         pids = self._launcher.start_engines(n)
         self._started += n
         return pids
+
+    def add_controller(self, timeout: float = 30.0) -> int:
+        """Start one more controller, which joins the federation while work runs (engines whose placement
+        now names it move to it once idle). Returns its number (for ``stop_controller``)."""
+        if self._launcher is None:
+            raise ClusterError("start the cluster first")
+        i = self._launcher.spawn_controller()
+        self._infos[i] = self._launcher.wait_controller(i, wait=timeout)
+        self._publish()
+        return i
+
+    def stop_controller(self, i: int, grace: float = 30.0) -> None:
+        """Stop controller number ``i`` while the others run: it hands its work over (its engines move to the
+        others with what they hold, clients resubmit its queued tasks) and exits."""
+        if self._launcher is None or not 0 <= i < len(self._launcher.controllers):
+            raise ClusterError(f"no controller number {i} in this cluster")
+        self._launcher.stop_controller(i, grace=grace)
+        self._publish()
 
     def connect_client(self, timeout: float = 10.0) -> Client:
         """A new ``Client`` connected to this cluster."""
@@ -118,15 +179,22 @@ class Cluster:
         return client
 
     def _check_alive(self) -> None:
-        if self._launcher is not None and self._launcher.controller is not None:
-            code = self._launcher.controller.poll()
-            if code is not None:
-                raise ClusterError(f"the controller exited with code {code}; see {self.log_dir / 'controller.log'}")
+        if self._launcher is None or not self._launcher.controllers:
+            return
+        if all(p.poll() is not None for p in self._launcher.controllers):
+            code = self._launcher.controllers[0].returncode
+            raise ClusterError(f"the controller exited with code {code}; see {self._launcher.controller_log(0)}")
 
     @property
     def controller_pid(self) -> int | None:
-        c = self._launcher.controller if self._launcher else None
-        return c.pid if c is not None else None
+        """The pid of the first live controller (see ``controller_pids``)."""
+        pids = self.controller_pids
+        return pids[0] if pids else None
+
+    @property
+    def controller_pids(self) -> list[int]:
+        """Pids of the live controller processes."""
+        return self._launcher.controller_pids() if self._launcher else []
 
     @property
     def engine_pids(self) -> list[int]:
@@ -144,13 +212,14 @@ class Cluster:
             self._client = None
         launcher, self._launcher = self._launcher, None
         if launcher is not None:
-            if launcher.pids() and self.info is not None:
+            if launcher.controller_pids() and self.info is not None:
                 try:
                     with Client(self.info, timeout=2.0) as c:
                         c.shutdown(timeout=2.0)
                 except FedparError:
                     pass  # the signals below finish the job
             launcher.stop(grace=grace)
+            remove_connection_file(self.connection_file)
         if self._own_state:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
@@ -169,4 +238,15 @@ class Cluster:
 
     def __repr__(self) -> str:
         state = "running" if self._launcher else "stopped"
-        return f"<fedpar.Cluster {self.cluster_id} n={self.n} {state}>"
+        return f"<fedpar.Cluster {self.cluster_id} n={self.n} controllers={self.controllers} {state}>"
+
+
+def _cluster_key(state_dir: Path) -> bytes:
+    """The key of a cluster run from ``state_dir``: the one its first controller kept there, else a new one."""
+    try:
+        key = (state_dir / "cluster.key").read_bytes()
+        if len(key) == KEY_BYTES:
+            return key
+    except OSError:
+        pass
+    return new_cluster_key()

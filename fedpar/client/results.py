@@ -209,7 +209,12 @@ class AsyncResult(Future[Any]):
         return self._unsent == 0
 
     def wait_for_send(self, timeout: float | None = None) -> bool:
-        """Wait until ``sent`` (at most ``timeout`` seconds); True when it is. Never raises task errors."""
+        """Wait until ``sent`` (at most ``timeout`` seconds); True when it is. Never raises task errors.
+
+        Load-balanced tasks wait in the client while every controller's queue is full (they go wherever
+        engines free up first); this sends them at once."""
+        if self._unsent and self._client is not None:
+            self._client._force_send()
         with self._lock:
             return self._unsent == 0 or self._changed().wait_for(lambda: self._unsent == 0, timeout)
 

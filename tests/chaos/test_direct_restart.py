@@ -42,11 +42,12 @@ def test_direct_push_survives_a_controller_restart(procs: Proc) -> None:
     ar = view.push({"x": a}, block=False)
     tid = ar.task_ids[0]
     io = client._io
-    _wait("the push to be acknowledged", lambda: tid in io.expected)
+    link = next(iter(io.links.values()))  # (one controller)
+    _wait("the push to be acknowledged", lambda: tid in link.expected)
     assert io.link is not None and io.link.uploading(tid)
-    epoch = io.epoch
+    epoch = link.epoch
     procs.restart_controller()
-    _wait("the client to see the new controller", lambda: io.epoch != epoch, 30)
+    _wait("the client to see the new controller", lambda: link.epoch != epoch, 30)
     assert ar.get(60) is None
     assert busy.get(60) is None
     got = view.pull("x", block=False).get(60)

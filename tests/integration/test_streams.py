@@ -427,19 +427,19 @@ CLIENT_SCRIPT = r"""
 import json, sys, time
 import numpy as np
 import fedpar
-import fedpar.client.client as fc
+import fedpar.client.io as fio
 from fedpar.wire.protocol import Chunk, Credit
 
 cf, mode, delay, arg, target = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5]
 slowed = Chunk if mode == "upload" else Credit
-send = fc._IOThread._send
+send = fio.IOThread._send
 
-def slow_send(self, msg, frames, reply):
+def slow_send(self, link, msg, frames, reply):
     if isinstance(msg, slowed):
         time.sleep(delay)  # a slow link: the stream stays open long enough to be interrupted
-    send(self, msg, frames, reply)
+    return send(self, link, msg, frames, reply)
 
-fc._IOThread._send = slow_send
+fio.IOThread._send = slow_send
 client = fedpar.Client(cf, lost_after=None)
 if mode == "upload":
     view = client.load_balanced_view() if target == "any" else client[int(target)]
@@ -657,10 +657,10 @@ def throttle_uploads(client: fedpar.Client, delay: float) -> None:
     io = client._io
     send = io._send
 
-    def slow_send(msg: Message, frames: list[Any], reply: Any) -> None:
+    def slow_send(link: Any, msg: Message, frames: list[Any], reply: Any) -> int:
         if isinstance(msg, Chunk):
             time.sleep(delay)
-        send(msg, frames, reply)
+        return send(link, msg, frames, reply)
 
     io._send = slow_send  # type: ignore[method-assign]  # this client only
 
