@@ -5,10 +5,11 @@ Runs on the gateway thread (the gateway owns it and calls it; it sends through t
 * **ids**: a lone controller numbers engines from its store; in a federation a new engine's global id comes
   from the registry (asked of the federation actor, in batches, so registrations never wait on the network
   in the gateway's loop) and the engine keeps it for life.
-* **placement**: an engine belongs to the live controller that wins weighted rendezvous hashing for its id.
-  A new engine registering here that belongs elsewhere is redirected at once; when membership changes, an
-  engine that now belongs elsewhere is drained (no new load-balanced work; what it holds finishes) and then
-  told to move (``EngineMove``). Only the engines whose winner changed move.
+* **placement** (``fedpar.federation.placement``): weighted rendezvous ranking with bounded loads. A new
+  engine registering here goes to its best-ranked controller under quota (redirected at once if that is
+  another one); when membership or the engine counts change, a controller over its quota drains the
+  engines it should shed (no new load-balanced work; what they hold finishes) and then tells each to move
+  (``EngineMove``). Balanced federations move nothing.
 * **adoption**: an engine whose controller died arrives with the tasks it holds (``origin``); the federation
   actor says whether the takeover of that controller is still open. If so, the tasks become this
   controller's (their results are stored here and go to their clients); if it closed, the engine drops
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedpar.actors.federation import ADOPT, BACK, REFUSE
 from fedpar.control.scheduler import Task
+from fedpar.federation import placement
 from fedpar.federation.membership import View
 from fedpar.federation.records import ControllerEntry
 from fedpar.wire.protocol import EngineHello, EngineMove, EngineWelcome, Heartbeat, Membership
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
     from fedpar.actors.gateway import Gateway
 
 log = logging.getLogger(__name__)
+
+QUIET = 2.0  # seconds without rebalancing after engines moved in or out (published counts lag ~1 s)
 
 
 @dataclass
@@ -65,6 +70,11 @@ class EngineDesk:
         self._moving: dict[int, str] = {}  # engine id -> the controller it drains towards
         self.moved_to: dict[int, str] = {}  # engines that left for another controller
         self._adopting: set[int] = set()  # engine ids with an adoption verdict pending
+        self._evicting: dict[int, str] = {}  # leaving: engine id -> where it goes (told once it can be reached)
+        # Engines this controller sent elsewhere (redirected or moved) lately, counted for their new home until
+        # its published count shows them (placement decides from counts published about once a second).
+        self._sent: list[tuple[float, str]] = []
+        self._quiet_until = 0.0  # no rebalancing before (monotonic): the counts must catch up with the moves
 
     # ------------------------------------------------------------------ messages from engines
     def on_hello(self, ident: bytes, rid: int, msg: EngineHello, now: float) -> None:
@@ -120,10 +130,11 @@ class EngineDesk:
                   drop: list[str] | None = None) -> None:
         gw, msg = self.gw, hello.msg
         if eid is not None and not msg.redirected and not msg.running and not adopt:
-            home = self.view.owner(eid)
+            home = self.view.place(eid, counts=self._counts())
             entry = self.view.entry(home) if home is not None else None
             if entry is not None and home != gw.cid and self.view.entry(gw.cid) is not None:
                 self._welcome(hello, eid, move_to=[entry.cid, entry.engine_endpoint])  # it belongs elsewhere
+                self._sent.append((time.monotonic(), entry.cid))
                 return
         holder = gw.registry.holder(eid) if eid is not None else None
         if holder is not None and holder != msg.uuid:
@@ -132,6 +143,10 @@ class EngineDesk:
         again = gw.registry.was_known(msg.uuid) or holder == msg.uuid
         rec = gw.registry.register(msg.uuid, msg.hostname, msg.pid, msg.task_identity, hello.now, engine_id=eid)
         eid = rec.engine_id
+        if hello.ident.startswith(b"c:"):  # (registered over its control socket: reachable there at once)
+            gw.registry.seen(eid, hello.now, control_identity=hello.ident)
+        if msg.redirected:
+            self._quiet_until = time.monotonic() + QUIET
         gw.journal.engine(rec)
         gw.scheduler.add_engine(eid)
         self.moved_to.pop(eid, None)
@@ -144,8 +159,7 @@ class EngineDesk:
         self._welcome(hello, eid, resend=resend, drop=drop or [])
         if eid in self._moving:  # (re-registered while draining: its placement is decided again)
             self._moving.pop(eid)
-        if not msg.redirected:  # (sent here by another controller: placed again at the next view change, once
-            self._place(eid)    # the views agree, instead of bouncing between controllers that disagree)
+            gw.scheduler.drain(eid, False)
         log.info("engine %d registered (pid %d on %s)%s", eid, msg.pid, msg.hostname,
                  f", adopted with {len(msg.running)} task(s) of controller {adopt[0]}" if adopt else "")
 
@@ -197,25 +211,42 @@ class EngineDesk:
                 gw.send_engine(ctl, wire)
         if left:
             log.info("controllers gone: %s", ", ".join(f"{e.cid} (epoch {e.epoch})" for e in left))
-        for eid in gw.registry.ids():
-            self._place(eid)
+        self.rebalance()
 
-    def _place(self, eid: int) -> None:
-        """Drain ``eid`` towards its rendezvous owner when that is another live controller (or stop draining)."""
+    def _counts(self) -> dict[str, int]:
+        """Engines per controller for placement: published counts, ours exact, plus the engines we sent
+        elsewhere lately that the published counts may not show yet."""
+        now = time.monotonic()
+        self._sent = [(t, cid) for t, cid in self._sent if now - t < 2 * QUIET]
+        counts = {e.cid: e.engines for e in self.view.live}
+        for _, cid in self._sent:
+            counts[cid] = counts.get(cid, 0) + 1
+        counts[self.gw.cid] = len(self.gw.registry)
+        return counts
+
+    def rebalance(self) -> None:
+        """Drain the engines this controller should shed (over quota) towards their new homes; stop draining
+        those it may keep after all. Not within ``QUIET`` seconds of engines moving in or out: published
+        counts lag by about a second, and deciding on stale counts would bounce engines back and forth."""
         gw = self.gw
-        if self.view.entry(gw.cid) is None:  # not in the view (not yet, paused or leaving): move nobody
+        if self.view.entry(gw.cid) is None or gw.leaving:  # not in the view (yet, paused or leaving): move nobody
+            moves: dict[int, str] = {}
+        elif time.monotonic() < self._quiet_until:
             return
-        home = self.view.owner(eid)
-        if home is None or home == gw.cid:
-            if self._moving.pop(eid, None) is not None:
-                gw.scheduler.drain(eid, False)
-            return
-        if self._moving.get(eid) != home:
-            self._moving[eid] = home
-            gw.scheduler.drain(eid)
+        else:
+            moves = placement.rebalance(gw.cid, gw.registry.ids(), self.view.weights(), self._counts())
+        for eid in [e for e in self._moving if e not in moves]:
+            del self._moving[eid]
+            gw.scheduler.drain(eid, False)
+        for eid, home in moves.items():
+            if self._moving.get(eid) != home:
+                self._moving[eid] = home
+                gw.scheduler.drain(eid)
 
     def after_pass(self) -> None:
-        """Move the drained engines (cheap when none is draining)."""
+        """Move the drained engines, and a leaving controller's engines (cheap when neither)."""
+        if self._evicting:
+            self.evict_now()
         if not self._moving:
             return
         gw = self.gw
@@ -230,18 +261,38 @@ class EngineDesk:
             gw.send_engine(ident, EngineMove(home, entry.engine_endpoint, "placement"))
             gw.engine_left(eid, home)
             self.moved_to[eid] = home
+            self._sent.append((time.monotonic(), home))
+            self._quiet_until = time.monotonic() + QUIET
             log.info("engine %d moves to controller %s (placement)", eid, home)
 
     def send_everyone_away(self) -> None:
-        """This controller leaves: every engine goes to its owner among the others, with what it holds."""
+        """This controller leaves: every engine goes to its place among the others, with what it holds
+        (told at once, or as soon as it can be reached: see ``evict_now``)."""
         gw = self.gw
+        counts = self._counts()
+        counts.pop(gw.cid, None)
         for eid in gw.registry.ids():
-            home = self.view.owner(eid, exclude=[gw.cid])
-            entry = self.view.entry(home) if home is not None else None
+            home = self.view.place(eid, exclude=[gw.cid], counts=counts)
+            if home is not None:
+                counts[home] = counts.get(home, 0) + 1
+                self._evicting[eid] = home
+        self.evict_now()
+
+    def evict_now(self) -> None:
+        """Tell the engines of a leaving controller to go (busy or not: the new controller adopts what they
+        hold); those not reachable yet (no heartbeat so far) are told at a later pass."""
+        gw = self.gw
+        for eid, home in list(self._evicting.items()):
+            entry = self.view.entry(home)
             ident = gw.registry.control_identity(eid)
+            if gw.registry.holder(eid) is None:
+                del self._evicting[eid]  # (gone meanwhile)
+                continue
             if entry is None or ident is None:
                 continue
+            del self._evicting[eid]
             gw.send_engine(ident, EngineMove(entry.cid, entry.engine_endpoint, "controller leaving"))
+            gw.engine_left(eid, home)
 
     def draining(self, eid: int) -> str | None:
         """Where ``eid`` is going if it is draining towards (or moved to) another controller."""

@@ -15,6 +15,7 @@ gateway's dispatch about a TTL later, and resumes it when a renewal succeeds aga
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -51,7 +52,7 @@ class Federation(pykka.ThreadingActor):
 
     def __init__(self, discovery: Discovery, entry: ControllerEntry, lease: str, fence: Fence,
                  tracker: Tracker, settings: Settings, call_soon: Callable[[Callable[[], None]], None],
-                 on_view: Callable[[View, list[ControllerEntry]], None]):
+                 on_view: Callable[[View, list[ControllerEntry]], None], engine_count: Callable[[], int]):
         super().__init__()
         self.discovery = discovery
         self.entry = entry
@@ -61,6 +62,8 @@ class Federation(pykka.ThreadingActor):
         self.settings = settings
         self.call_soon = call_soon
         self.on_view = on_view
+        self.engine_count = engine_count
+        self._last_update = 0.0
         self._stopped = threading.Event()
         self._last_renew = time.monotonic()
         self._failing_since: float | None = None
@@ -129,6 +132,12 @@ class Federation(pykka.ThreadingActor):
             return
         if mono - self._last_renew >= self.settings.ttl / 3 and not self.leaving:
             self._renew(mono)
+        n = self.engine_count()
+        if n != self.entry.engines and mono - self._last_update >= 1.0 and not self.leaving:
+            # (published about once a second: other controllers place engines by everyone's counts)
+            self.entry = dataclasses.replace(self.entry, engines=n)
+            self._last_update = mono
+            self.discovery.update(self.lease, self.entry)
         self._poll()
 
     def _renew(self, sent: float) -> None:

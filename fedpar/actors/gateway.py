@@ -229,7 +229,10 @@ class Gateway:
                 next_check = time.monotonic() + self.heartbeat / 2
                 self._check_engines(now)
             self._finish_pass(now)
-        self._shutdown_engines("controller stopping")
+        if self.leaving:  # (its engines go to the other controllers; none is stopped)
+            self.desk.evict_now()
+        else:
+            self._shutdown_engines("controller stopping")
         self._finish_pass(time.time(), final=True)
 
     def _drain(self, sock: zmq.Socket[Any], handle: Callable[[bytes, Received, float], None], now: float) -> None:
@@ -673,6 +676,7 @@ class Gateway:
 
     def _check_engines(self, now: float) -> None:
         self.relay.expire(now)
+        self.desk.rebalance()
         for eid in self.registry.expired(now):
             self._lose_engine(eid, now, f"engine {eid} stopped answering heartbeats")
         if self.recovery.active:

@@ -125,12 +125,19 @@ class Client:
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._io = IOThread(self, self._ctx, Codec(self.info.key, self.sender), _endpoints(self.info))
         self._io.start()
+        deadline = time.monotonic() + timeout
         if not self._io.welcomed.wait(timeout):
             where = ", ".join(self._io.links) or self.info.client_endpoint
             self.close(timeout=0)
             raise ControllerUnavailable(
                 f"the controller at {where} did not answer within {timeout}s: is it running, and does the "
                 "connection file belong to it (same cluster key)?")
+        if not self._io.settled.wait(max(0.0, deadline - time.monotonic())):  # (the rest of a federation)
+            log.warning("not every controller of the federation answered within %ss; continuing with %d",
+                        timeout, len(self._io.ready_links()))
+        grace = min(time.monotonic() + 1.0, deadline)  # (the other controllers of the connection file: a moment)
+        while not self._io.initial_links_ready() and time.monotonic() < grace:
+            time.sleep(0.01)
 
     # ------------------------------------------------------------------ fed by the I/O thread
     def _on_welcome(self, link: Link) -> None:

@@ -142,6 +142,15 @@ class Cluster:
         self._publish()
         return i
 
+    def restart_controller(self, i: int, timeout: float = 30.0) -> None:
+        """Start controller number ``i`` again on its state directory (after it died or was stopped): the
+        results it stored become retrievable again, and it rejoins the federation."""
+        if self._launcher is None:
+            raise ClusterError("start the cluster first")
+        self._launcher.spawn_controller(i)
+        self._infos[i] = self._launcher.wait_controller(i, wait=timeout)
+        self._publish()
+
     def stop_controller(self, i: int, grace: float = 30.0) -> None:
         """Stop controller number ``i`` while the others run: it hands its work over (its engines move to the
         others with what they hold, clients resubmit its queued tasks) and exits."""

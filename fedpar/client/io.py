@@ -167,6 +167,7 @@ class IOThread(threading.Thread):
         self.view = View()
         self.failovers: dict[tuple[str, int], _Failover] = {}
         self.welcomed = threading.Event()  # the first Welcome arrived
+        self.settled = threading.Event()  # connected to every live controller of the view
         self.settings = StreamSettings()
         self.sids = itertools.count(1)
         self.senders: dict[int, tuple[str, Sender, Link]] = {}  # uploads by our stream id
@@ -361,22 +362,24 @@ class IOThread(threading.Thread):
         return None
 
     def _dispatch(self, force: bool = False) -> None:
-        """Send held load-balanced tasks to the controllers with room, spreading them by free capacity."""
+        """Send held load-balanced tasks to the controllers with room, least loaded first: each takes a share
+        of what is held in proportion to its capacity, so they fill up evenly (relative to their capacity),
+        whether tasks come one by one or in a burst. ``force``: send everything (to the least loaded)."""
         held = self.held
         while held:
-            links = self.ready_links()
-            room = [(lk.free, lk) for lk in links if lk.free > 0]
-            if not room:
-                if not force or not links:
+            links = [lk for lk in self.ready_links() if lk.free > 0]
+            if not links:
+                if not force or not self.ready_links():
                     return
-                room = [(max(1, len(held)), min(links, key=lambda lk: lk.lb_out - lk.capacity))]
-            share = math.ceil(len(held) / len(room))
-            for free, link in sorted(room, key=lambda x: -x[0]):
-                n = min(free, share, len(held), SUBMIT_BATCH)
-                if n <= 0:
-                    continue
-                ids = [held.popleft() for _ in range(n)]
-                self._submit(link, ids)
+                best = min(self.ready_links(), key=lambda lk: (lk.lb_out + 1) / max(lk.capacity, 1))
+                self._submit(best, [held.popleft() for _ in range(min(len(held), SUBMIT_BATCH))])
+                continue
+            total = sum(lk.capacity for lk in links)
+            n = len(held)
+            for link in sorted(links, key=lambda lk: lk.lb_out / lk.capacity):
+                k = min(link.free, math.ceil(n * link.capacity / total), len(held), SUBMIT_BATCH)
+                if k > 0:
+                    self._submit(link, [held.popleft() for _ in range(k)])
 
     def _submit(self, link: Link, ids: list[str]) -> None:
         """Send tasks to ``link`` (at most SUBMIT_BATCH tasks or SUBMIT_BATCH_BYTES per message)."""
@@ -556,9 +559,24 @@ class IOThread(threading.Thread):
         if msg.membership:
             self._on_view(msg.membership)
         self.welcomed.set()
+        self._check_settled()
         self.client._on_welcome(link)
         if first:
+            self._extend_lookups(link)
             self._dispatch()
+
+    def _extend_lookups(self, link: Link) -> None:
+        """A controller joined (or its link became ready): lookups still waiting for answers ask it too."""
+        pending = {id(lk): lk for lk, _ in self.lookups.values()}
+        for lookup in pending.values():
+            lookup.asked += 1
+            lookup.total += 1
+            rid = self._send(link, GetResults(lookup.ids), [], None)
+            self.lookups[rid] = (lookup, link)
+
+    def initial_links_ready(self) -> bool:
+        """True when every link made so far answered (or was dropped)."""
+        return all(lk.ready for lk in self.links.values() if not lk.gone)
 
     def _on_results(self, link: Link, msg: Results, rx: Received) -> None:
         if msg.capacity >= 0:
@@ -692,14 +710,10 @@ class IOThread(threading.Thread):
             log.warning("ignored a malformed membership view: %s", exc)
             return
         self.view = view
-        live = {e.client_endpoint for e in view.live}
         for entry in view.live:
             link = self.by_cid.get(entry.cid)
             if (link is None or link.epoch != entry.epoch) and entry.client_endpoint not in self.links:
                 self._connect(entry.client_endpoint)
-        for link in list(self.links.values()):
-            if not link.ready and link.endpoint not in live and link.cid is None and self.ready_links():
-                self._drop(link)
         for t in view.takeovers:
             link = self.by_cid.get(t.cid)
             key = (t.cid, t.epoch)
@@ -708,6 +722,12 @@ class IOThread(threading.Thread):
             fo = self.failovers.get(key)
             if fo is not None and t.closed and not fo.started:
                 self._locate(fo)
+        self._check_settled()
+
+    def _check_settled(self) -> None:
+        """Set ``settled`` once a ready link exists to every live controller of the view."""
+        if all((lk := self.by_cid.get(e.cid)) is not None and lk.ready for e in self.view.live):
+            self.settled.set()
 
     def _taken_over(self, link: Link, epoch: int) -> None:
         """The survivors took over ``link``'s controller: its tasks wait for the takeover to close."""

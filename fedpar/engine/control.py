@@ -41,7 +41,6 @@ from fedpar.wire.protocol import (
     Membership,
     MembershipRequest,
 )
-from fedpar.wire.streams import StreamSettings
 from fedpar.wire.transport import connect_dealer, recv_parts, send_parts
 
 if TYPE_CHECKING:
@@ -190,7 +189,7 @@ class Control:
                         e.engine_id, home.cid, now_home.epoch, len(held))
             self._move(home.cid, now_home.engine_endpoint, held, redirected=True)
             return
-        target = view.owner(e.engine_id)
+        target = view.place(e.engine_id)
         entry = view.entry(target) if target is not None else None
         if entry is None:
             return
@@ -221,6 +220,3 @@ def _ask_view(ctx: zmq.Context[Any], codec: Codec, endpoint: str, identity: byte
     finally:
         sock.close(0)
 
-
-def stream_settings(raw: dict[str, Any]) -> StreamSettings:
-    return StreamSettings.from_wire(raw)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedpar.errors import MalformedMessage
+from fedpar.federation import placement
 from fedpar.federation.placement import owner as _owner
 from fedpar.federation.records import ControllerEntry, KnownController, Takeover
 
@@ -44,6 +45,21 @@ class View:
         """The live controller that should own ``engine_id`` (ignoring the controllers in ``exclude``)."""
         skip = set(exclude)
         return _owner(engine_id, ((e.cid, e.weight) for e in self.live if e.cid not in skip))
+
+    def weights(self, exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
+        skip = set(exclude)
+        return [(e.cid, e.weight) for e in self.live if e.cid not in skip]
+
+    def place(self, engine_id: int, exclude: Iterable[str] = (), counts: dict[str, int] | None = None) -> str | None:
+        """Where engine ``engine_id`` should register: its best-ranked live controller under quota (bounded
+        loads, ``placement.place``); ``counts`` override the published engine counts (e.g. our own, exact)."""
+        have = {e.cid: e.engines for e in self.live}
+        have.update(counts or {})
+        return placement.place(engine_id, self.weights(exclude), have)
+
+    def rebalance(self, cid: str, engines: list[int]) -> dict[int, str]:
+        """Which of ``cid``'s engines to move where (``placement.rebalance``), its own count being exact."""
+        return placement.rebalance(cid, engines, self.weights(), {e.cid: e.engines for e in self.live})
 
     def takeover(self, cid: str, epoch: int) -> Takeover | None:
         """The takeover of ``cid`` at incarnation ``epoch``, if the survivors started one."""

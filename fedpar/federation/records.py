@@ -46,6 +46,7 @@ class ControllerEntry:
     state_dir: str
     weight: float  # relative share of engines it should own (rendezvous weight)
     started: float  # time.time() of this incarnation's start
+    engines: int = 0  # how many engines it has (published about once a second: placement's bounded loads)
 
     def to_wire(self) -> list[Any]:
         return [getattr(self, f.name) for f in fields(self)]

@@ -260,7 +260,8 @@ class _Joined:
         d = self.config.discovery
         gateway.desk.view = self.tracker.view
         self._actor = Federation.start(self.discovery, self.entry, self.lease, self.fence, self.tracker,
-                                       Settings(d.ttl, d.poll, d.window), gateway.call_soon, gateway.desk.on_view)
+                                       Settings(d.ttl, d.poll, d.window), gateway.call_soon, gateway.desk.on_view,
+                                       lambda: len(gateway.registry))
         return self._actor
 
 

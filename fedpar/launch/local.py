@@ -125,9 +125,12 @@ class LocalLauncher:
         self.spawn_controller()
         return self.wait_controller(i, wait=wait)
 
-    def spawn_controller(self) -> int:
-        """Start the next controller without waiting (see ``wait_controller``); returns its number."""
-        i = len(self.controllers)
+    def spawn_controller(self, index: int | None = None) -> int:
+        """Start the next controller (or controller ``index`` again, on its state directory) without waiting
+        (see ``wait_controller``); returns its number."""
+        i = len(self.controllers) if index is None else index
+        if index is not None and (not 0 <= i < len(self.controllers) or self.controllers[i].poll() is None):
+            raise ClusterError(f"controller {i} is running (or does not exist): nothing to restart")
         sd = self.controller_dir(i)
         sd.mkdir(parents=True, exist_ok=True, mode=0o700)
         cf = self._connection_file(i)
@@ -145,7 +148,11 @@ class LocalLauncher:
             cmd += ["--key-stdin"]
         name = "controller" if i == 0 else f"controller-{i}"
         stdin = (self.key.hex() + "\n").encode() if self.key is not None else None
-        self.controllers.append(self._spawn(cmd, name, controller_env(), stdin))
+        proc = self._spawn(cmd, name, controller_env(), stdin)
+        if i == len(self.controllers):
+            self.controllers.append(proc)
+        else:
+            self.controllers[i] = proc
         return i
 
     def wait_controller(self, i: int, *, wait: float = 30.0) -> ConnectionInfo:

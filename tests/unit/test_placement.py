@@ -48,3 +48,49 @@ def test_leaving_controller_engines_spread_over_survivors() -> None:
 def test_zero_weight_never_wins_unless_alone() -> None:
     assert all(owner(e, [("a", 0.0), ("b", 1.0)]) == "b" for e in range(200))
     assert score(1, "a", 0.0) == float("-inf")
+
+
+# --------------------------------------------------------------------------- bounded loads
+from fedpar.federation.placement import place, quotas, rebalance  # noqa: E402
+
+EQUAL3 = [("a", 1.0), ("b", 1.0), ("c", 1.0)]
+
+
+def test_quotas_add_up_and_follow_weights() -> None:
+    assert quotas(6, EQUAL3) == {"a": 2, "b": 2, "c": 2}
+    assert sum(quotas(7, EQUAL3).values()) == 7 and sorted(quotas(7, EQUAL3).values()) == [2, 2, 3]
+    assert quotas(10, [("a", 3.0), ("b", 1.0)]) == {"a": 8, "b": 2}  # 7.5 / 2.5: remainders tie, by id
+    assert quotas(5, []) == {}
+
+
+def test_new_engines_fill_controllers_evenly() -> None:
+    counts = {"a": 0, "b": 0, "c": 0}
+    for eid in range(6):  # the unbounded hash can leave a controller empty; bounded placement never does
+        counts[place(eid, EQUAL3, counts) or ""] += 1
+    assert counts == {"a": 2, "b": 2, "c": 2}
+    assert place(1, [], {}) is None
+
+
+def test_over_quota_controller_sheds_to_the_empty_one_only() -> None:
+    ctl = [*EQUAL3, ("d", 1.0)]
+    counts = {"a": 2, "b": 2, "c": 2, "d": 0}  # d just joined: a, b and c each owe it half an engine
+    moves = {c: rebalance(c, list(range(i * 2, i * 2 + 2)), ctl, counts) for i, c in enumerate("abc")}
+    assert all(t == "d" for m in moves.values() for t in m.values())
+    assert 1 <= sum(len(m) for m in moves.values()) <= 3
+    assert rebalance("d", [], ctl, counts) == {}
+    assert rebalance("a", [0, 1], EQUAL3, {"a": 2, "b": 2, "c": 2}) == {}  # balanced: nothing moves
+
+
+def test_rebalance_converges_without_overshooting() -> None:
+    ctl = [*EQUAL3, ("d", 1.0)]
+    owned = {"a": list(range(0, 12)), "b": list(range(12, 24)), "c": list(range(24, 36)), "d": []}
+    for _ in range(10):
+        counts = {c: len(v) for c, v in owned.items()}
+        moves = {c: rebalance(c, v, ctl, counts) for c, v in owned.items()}
+        if not any(moves.values()):
+            break
+        for src, m in moves.items():
+            for eid, dst in m.items():
+                owned[src].remove(eid)
+                owned[dst].append(eid)
+    assert {c: len(v) for c, v in owned.items()} == {"a": 9, "b": 9, "c": 9, "d": 9}
