@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from fedpar.client.io import Force, Gather, IOThread, Lookup, Withdraw
+from fedpar.client.io import PING_INTERVAL, Force, IOThread, Withdraw
 from fedpar.client.link import Link
+from fedpar.client.requests import Gather, Lookup
 from fedpar.client.results import AsyncResult, as_list, first
 from fedpar.errors import (
     ConfigError,
@@ -60,7 +61,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PING_INTERVAL = 1.0
 
 
 def _task_ids(jobs: str | Sequence[str] | AsyncResult) -> list[str]:

@@ -44,7 +44,7 @@ def test_direct_push_survives_a_controller_restart(procs: Proc) -> None:
     io = client._io
     link = next(iter(io.links.values()))  # (one controller)
     _wait("the push to be acknowledged", lambda: tid in link.expected)
-    assert io.link is not None and io.link.uploading(tid)
+    assert io.transfers.direct is not None and io.transfers.direct.uploading(tid)
     epoch = link.epoch
     procs.restart_controller()
     _wait("the client to see the new controller", lambda: link.epoch != epoch, 30)
@@ -52,6 +52,6 @@ def test_direct_push_survives_a_controller_restart(procs: Proc) -> None:
     assert busy.get(60) is None
     got = view.pull("x", block=False).get(60)
     assert isinstance(got, np.ndarray) and np.array_equal(got, a)
-    assert not io.link.uploading(tid)
+    assert not io.transfers.direct.uploading(tid)
     # the pull went straight to the client (counted since the restart; reported once the client acknowledged it)
     _wait("the pull to be counted as delivered", lambda: client.status()["delivered_direct"] == 1, 10)

@@ -432,7 +432,7 @@ def test_engine_killed_during_direct_push(lossy_cluster, monkeypatch) -> None:
         victim, survivor = ids[0], ids[1]
         pid = next(e["pid"] for e in client.status()["engines"] if e["id"] == victim)
         ar = client[victim].push({"doomed": np.ones(64 * MiB // 8)}, block=False)
-        link = wait_until("the direct upload", lambda: client._io.link, 10)
+        link = wait_until("the direct upload", lambda: client._io.transfers.direct, 10)
         wait_until("the engine to start pulling", lambda: link.busy, 10)
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(EngineError):
