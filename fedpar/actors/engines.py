@@ -31,13 +31,14 @@ from fedpar.control.scheduler import Task
 from fedpar.federation import placement
 from fedpar.federation.membership import View
 from fedpar.federation.records import ControllerEntry
-from fedpar.wire.protocol import EngineHello, EngineMove, EngineWelcome, Heartbeat, Membership
+from fedpar.wire.protocol import EngineHello, EngineMove, EngineStop, EngineWelcome, Heartbeat, Membership
 
 if TYPE_CHECKING:
     from fedpar.actors.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
+ENGINE_LOST = "fedpar.EngineError"  # the error of a task whose engine was lost
 QUIET = 2.0  # seconds without rebalancing after engines moved in or out (published counts lag ~1 s)
 
 
@@ -154,7 +155,7 @@ class EngineDesk:
         if adopt is not None:
             resend = self._adopt_tasks(eid, msg.running, adopt, hello.now)
         elif again:
-            resend = gw.engine_returned(eid, msg.running, hello.now)
+            resend = self.returned(eid, msg.running, hello.now)
         gw.engine_registered(eid)
         self._welcome(hello, eid, resend=resend, drop=drop or [])
         if eid in self._moving:  # (re-registered while draining: its placement is decided again)
@@ -186,6 +187,62 @@ class EngineDesk:
             adopted.append(tid)
         gw.counters["adopted"] += len(adopted)
         return adopted  # results it sent already (to the dead controller) are sent again
+
+    def check_engines(self, now: float) -> None:
+        self.gw.relay.expire(now)
+        self.rebalance()
+        for eid in self.gw.registry.expired(now):
+            self.lose_engine(eid, now, f"engine {eid} stopped answering heartbeats")
+        if self.gw.recovery.active:
+            lost, held = self.gw.recovery.expire(now)
+            for task in lost:
+                self.gw._retry_or_fail(task, f"engine {task.engine} did not come back after the controller "
+                                          f"restarted while it held task {task.task_id}", now)
+            for task in held:
+                self.gw._fail(task, ENGINE_LOST, f"engine {task.target} did not come back after the controller "
+                                              f"restarted; direct task {task.task_id} cannot run", now)
+
+    def lose_engine(self, eid: int, now: float, why: str, state: str = "dead") -> None:
+        ident = self.gw.registry.task_identity(eid)
+        if ident is not None:
+            self.gw.relay.drop_peer(ident)
+        rec = self.gw.registry.unregister(eid, state)
+        if rec is None:
+            return
+        if state == "dead":
+            log.warning("%s; its tasks are retried or failed", why)
+        self.gw.journal.engine(rec)
+        self.gw._events_unregistered.append(eid)
+        running, waiting = self.gw.scheduler.remove_engine(eid)
+        for task in running:
+            self.gw._retry_or_fail(task, f"{why} while running task {task.task_id}", now)
+        for task in waiting:
+            self.gw._fail(task, ENGINE_LOST, f"{why} before task {task.task_id} could run", now)
+
+    def shutdown_engines(self, reason: str) -> None:
+        for rec in self.gw.registry.engines():
+            ident = self.gw.registry.control_identity(rec.engine_id)
+            if ident is not None:
+                self.gw.send_engine(ident, EngineStop(reason))
+
+    def returned(self, eid: int, running: list[str], now: float) -> list[str]:
+        """An engine registered again (after a controller restart or a reconnect). Returns the ids of the
+        tasks it holds or answered recently that we still wait for: it sends those results (again)."""
+        holding = set(running)
+        # Tasks this incarnation had assigned to it that it no longer holds were lost on the way.
+        for task in [t for t in self.gw.scheduler.outstanding(eid) if t.task_id not in holding]:
+            self.gw.scheduler.complete(task.task_id, None, None)
+            self.gw._retry_or_fail(task, f"engine {eid} reconnected without task {task.task_id}", now)
+        adopt, lost, held = self.gw.recovery.engine_returned(eid, running)
+        for task in adopt:
+            self.gw.scheduler.adopt(eid, task)
+        for task in lost:
+            self.gw._retry_or_fail(task, f"the controller restarted while task {task.task_id} was on engine {eid}, "
+                                      "which no longer holds it", now)
+        for task in held:
+            self.gw.scheduler.submit(task)
+        return [t.task_id for t in adopt] + [t.task_id for t in self.gw.scheduler.outstanding(eid)
+                                             if t.task_id in holding and t not in adopt]
 
     def on_heartbeat(self, ident: bytes, msg: Heartbeat, now: float) -> None:
         gw = self.gw

@@ -8,12 +8,11 @@ acknowledged before it is stored, and the per-task cost is a few dictionary oper
 
 Other threads (the housekeeper actor, signal handlers) talk to the gateway with ``call_soon``.
 
-The module is over the 500-line soft cap (about 780 lines) on purpose: it is only the I/O shell (decode,
-dispatch on type, journal, send); the decisions live in the pure modules ``scheduler``, ``registry`` and
-``recovery``, large-payload streams in ``relay`` and ``direct``. What grew with streams here is the wiring
-between a stream's completion or failure and the task's life (queue, finish, refuse, delivered directly),
-which needs the scheduler and watchers this shell owns. Splitting it further would put thread-confined
-state behind more indirection on the hot path.
+Roles beside the hot path are desks the gateway owns, run on its thread: ``engines`` (registration,
+heartbeats, placement, the federation's effects), ``requests`` (results by id, abort, status, queries,
+purges), ``streams`` (what a large payload's stream means for its task). What stays here is the hot path
+itself: submissions, results, and the end of a pass (commit, then acknowledge, deliver and dispatch); about
+590 lines, because splitting it would put its thread-confined state behind another indirection per task.
 """
 
 from __future__ import annotations
@@ -26,56 +25,42 @@ from typing import Any
 
 import zmq
 
-from fedpar.actors.engines import EngineDesk, FederationLink
+from fedpar.actors.engines import ENGINE_LOST, EngineDesk, FederationLink
 from fedpar.actors.journal import Journal
-from fedpar.actors.relay import Inbound, Relay
+from fedpar.actors.relay import Relay
+from fedpar.actors.requests import RequestDesk
+from fedpar.actors.streams import StreamDesk
 from fedpar.control.recovery import Recovery
 from fedpar.control.registry import EngineRegistry
 from fedpar.control.scheduler import Scheduler, Task
-from fedpar.errors import MalformedMessage, ProtocolError, SignatureError, StoreError
+from fedpar.errors import MalformedMessage, ProtocolError, SignatureError
 from fedpar.federation.membership import LOST, OK, Fence
-from fedpar.store.records import FINISHED_STATES, EngineRecord, TaskRecord
-from fedpar.store.schema import STREAM_INPUT, STREAM_RESULT
+from fedpar.store.records import EngineRecord, TaskRecord
+from fedpar.store.schema import STREAM_INPUT
 from fedpar.wire.codec import Codec, Received
-from fedpar.wire.direct import OFFER, offer_of, without_offer
+from fedpar.wire.direct import OFFER, without_offer
 from fedpar.wire.protocol import (
-    Abort,
-    AbortReply,
     Chunk,
-    ClientHello,
     Credit,
     EngineEvent,
     EngineHello,
-    EngineStop,
-    ErrorReply,
-    GetResults,
     Heartbeat,
     Membership,
     MembershipRequest,
     Message,
-    PurgeReply,
-    PurgeResults,
-    QueryTasks,
     Results,
     ResultSpec,
-    Shutdown,
-    ShutdownReply,
-    StatusReply,
-    StatusRequest,
     StreamAbort,
     Submit,
     SubmitReply,
-    TaskList,
     Tasks,
     TaskSpec,
-    Welcome,
 )
 from fedpar.wire.streams import DELIVERED, StreamSettings, parse_head, untrusted_chunk_sid
 from fedpar.wire.transport import NOBLOCK, Waker, readable, recv_parts, send_parts
 
 log = logging.getLogger(__name__)
 
-ENGINE_LOST = "fedpar.EngineError"
 # Bytes received per pass before it is committed. Bounds the size of one LMDB transaction, and LMDB keeps
 # the dirty pages of its largest transaction cached for reuse: so this bounds the controller's footprint.
 PASS_BYTES = 2 << 20
@@ -141,8 +126,11 @@ class Gateway:
         # a result sent yet). Only plain small submissions wait (no stream, no direct offer, no resubmission).
         self._held: dict[tuple[bytes, int], tuple[float, list[str], set[str]]] = {}
         self.recovery = Recovery((), 0.0)
-        self.relay = Relay(journal, stream or StreamSettings(), self._send, self._stream_complete, self._stream_failed)
+        self.streams = StreamDesk(self)
+        self.relay = Relay(journal, stream or StreamSettings(), self._send, self.streams.stream_complete,
+                           self.streams.stream_failed)
         self.desk = EngineDesk(self, federation)
+        self.requests = RequestDesk(self)
         self._capacity = 0  # what clients were last told to keep outstanding here (load-balanced tasks)
         self._told: dict[bytes, int] = {}  # client -> capacity it was last told
         self._reset_pass()
@@ -227,12 +215,12 @@ class Gateway:
                 self._drain(self.client_sock, self._on_client_message, now)
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.heartbeat / 2
-                self._check_engines(now)
+                self.desk.check_engines(now)
             self._finish_pass(now)
         if self.leaving:  # (its engines go to the other controllers; none is stopped)
             self.desk.evict_now()
         else:
-            self._shutdown_engines("controller stopping")
+            self.desk.shutdown_engines("controller stopping")
         self._finish_pass(time.time(), final=True)
 
     def _drain(self, sock: zmq.Socket[Any], handle: Callable[[bytes, Received, float], None], now: float) -> None:
@@ -261,50 +249,17 @@ class Gateway:
 
     # ------------------------------------------------------------------ client messages
     def _on_client_message(self, ident: bytes, rx: Received, now: float) -> None:
-        msg, rid = rx.msg, rx.envelope.id
+        msg = rx.msg
         if isinstance(msg, Submit):
-            self._on_submit(ident, rid, rx.envelope.sender, msg, rx.frames, now)
+            self._on_submit(ident, rx.envelope.id, rx.envelope.sender, msg, rx.frames, now)
         elif isinstance(msg, Chunk):
             self.relay.on_chunk(self.client_sock, ident, msg, rx.frames[0], now)
         elif isinstance(msg, Credit):
             self.relay.on_credit(ident, msg, now)
         elif isinstance(msg, StreamAbort):
             self.relay.on_abort(ident, msg)
-        elif isinstance(msg, GetResults):
-            self._on_get_results(ident, rid, msg)
-        elif isinstance(msg, Abort):
-            self._reply_client(ident, AbortReply(rid, self._abort(msg.task_ids, now)))
-        elif isinstance(msg, ClientHello):
-            self.clients.add(ident)
-            cap = self._told[ident] = self.scheduler.capacity()
-            self._reply_client(ident, Welcome(rid, self.controller_id, self.registry.ids(),
-                                              self.relay.settings.to_wire(), cap, self.desk.membership_wire(),
-                                              self.pid, self.host))
-        elif isinstance(msg, MembershipRequest):
-            self._reply_client(ident, Membership(self.desk.membership_wire(), rid))
-        elif isinstance(msg, StatusRequest):
-            self._reply_client(ident, self._status(rid))
-        elif isinstance(msg, QueryTasks):
-            recs = self.journal.store.iter_tasks(states=msg.states, engine=msg.engine, since=msg.since,
-                                                 until=msg.until, limit=max(0, min(msg.limit, 100_000)))
-            self._reply_client(ident, TaskList(rid, [r.to_row() for r in recs]))
-        elif isinstance(msg, PurgeResults):
-            try:
-                self._reply_client(ident, PurgeReply(rid, self._purge(msg)))
-            except StoreError as exc:
-                self._reply_client(ident, ErrorReply(rid, type(exc).__name__, str(exc)))
-        elif isinstance(msg, Shutdown):
-            engines = self.registry.ids()
-            self._shutdown_engines("shutdown requested by a client")
-            for eid in engines:
-                self._lose_engine(eid, now, f"engine {eid} was stopped by a shutdown request", state="stopped")
-            self._reply_client(ident, ShutdownReply(rid, engines))
-            if not msg.engines_only:
-                self.stopped_by_request = True
-                self._running = False
         else:
-            self.dropped["UnexpectedKind"] += 1
-            self._reply_client(ident, ErrorReply(rid, "ProtocolError", f"unexpected message {msg.KIND}"))
+            self.requests.on_message(ident, rx, now)
 
     def _on_submit(self, ident: bytes, rid: int, sender: str, msg: Submit, frames: list[Any], now: float) -> None:
         self.clients.add(ident)
@@ -327,11 +282,11 @@ class Gateway:
                 )
                 continue
             if sched.get(spec.task_id) is not None or (spec.spec.get("resubmit")
-                                                       and self._known_task(spec.task_id, ident)):
+                                                       and self.requests.known_task(spec.task_id, ident)):
                 self._watch(spec.task_id, ident)
                 accepted.append(spec.task_id)  # in flight already, or sent again after a reconnect: never twice
                 continue
-            if OFFER in spec.spec and not self._direct_ok(spec):  # the bytes must pass here: no direct stream
+            if OFFER in spec.spec and not self.streams.direct_ok(spec):  # the bytes must pass here: no direct stream
                 spec = spec._replace(spec=without_offer(spec.spec))
             head = spec.spec.get("stream")
             if head is not None and OFFER in spec.spec:  # arguments go straight from client to engine
@@ -363,59 +318,6 @@ class Gateway:
             accepted.append(spec.task_id)
             self.counters["submitted"] += 1
 
-    def _abort(self, task_ids: list[str], now: float) -> list[str]:
-        """Withdraw the given tasks that are still queued here: each fails with ``TaskAborted`` (recorded, and
-        sent to its watchers); one still receiving its arguments is refused with it instead."""
-        aborted = []
-        for task in self.scheduler.cancel_queued(task_ids):
-            self._fail(task, "fedpar.TaskAborted", f"task {task.task_id} was aborted before it ran", now)
-            aborted.append(task.task_id)
-        if aborted:
-            self.counters["aborted"] += len(aborted)
-        return aborted
-
-    def _direct_ok(self, spec: TaskSpec) -> bool:
-        """True when the engine a task names runs on the host of the client offering a direct stream."""
-        offer = offer_of(spec.spec)
-        return (self.relay.settings.direct and offer is not None and spec.target is not None
-                and self.registry.host(spec.target) == offer[0])
-
-    def _known_task(self, task_id: str, ident: bytes) -> bool:
-        """For a resubmitted task: True if it exists already (watched now, or its result queued)."""
-        if self.scheduler.get(task_id) is not None or self.recovery.find(task_id) is not None:
-            self._watch(task_id, ident)
-            return True
-        got = self._stored_result(ident, task_id)
-        if got is not None:
-            self._to_clients[ident].append(got)
-            return True
-        return False
-
-    def _stored_result(self, ident: bytes, task_id: str) -> tuple[ResultSpec, list[Any]] | None:
-        """A stored result as sent to client ``ident``: inline, or as a stream head when it is large."""
-        store = self.journal.store
-        rec = store.get_result_record(task_id)
-        if rec is None:
-            return None
-        error = list(rec.error) if rec.error else None
-        if sum(rec.frame_sizes) > self.relay.settings.threshold:
-            sizes = list(rec.frame_sizes)
-            sid = self.relay.open_out(self.client_sock, ident, STREAM_RESULT, task_id, sizes, time.time())
-            return ResultSpec(task_id, rec.ok, rec.engine, rec.started, rec.completed, error, 0, [sid, sizes]), []
-        got = store.get_result(task_id)
-        if got is None:
-            return None
-        frames = got[1]
-        return ResultSpec(task_id, rec.ok, rec.engine, rec.started, rec.completed, error, len(frames)), frames
-
-    def _for_client(self, ident: bytes, res: ResultSpec, frames: list[Any]) -> tuple[ResultSpec, list[Any]]:
-        """A result finished this pass as sent to ``ident``: a streamed one gets its own stream from the store."""
-        if res.stream is None:
-            return res, frames
-        sizes = res.stream[1]
-        sid = self.relay.open_out(self.client_sock, ident, STREAM_RESULT, res.task_id, sizes, time.time())
-        return res._replace(stream=[sid, sizes]), []
-
     def _watch(self, task_id: str, ident: bytes) -> None:
         w = self._watchers.get(task_id)
         if w is None:
@@ -426,64 +328,8 @@ class Gateway:
         else:
             w.add(ident)
 
-    def _on_get_results(self, ident: bytes, rid: int, msg: GetResults) -> None:
-        found: list[ResultSpec] = []
-        frames: list[Any] = []
-        missing: list[str] = []
-        for tid in msg.task_ids:
-            if self.scheduler.get(tid) is not None or self.recovery.find(tid) is not None:
-                self._watch(tid, ident)  # still running: delivered when it finishes
-                continue
-            now_done = self._finished_now.get(tid)
-            if now_done is not None:  # finished in this very pass: sent with this pass's results
-                self._to_clients[ident].append(self._for_client(ident, *now_done))
-                continue
-            got = self._stored_result(ident, tid)
-            if got is None:
-                missing.append(tid)
-                continue
-            found.append(got[0])
-            frames.extend(got[1])
-        self._reply_client(ident, Results(found, missing, rid), frames)
 
-    def _purge(self, msg: PurgeResults) -> int:
-        """Delete finished tasks (in-flight ones are never purged); returns how many."""
-        store = self.journal.store
-        if msg.everything or msg.before is not None:
-            # Results, and finished tasks whose results were delivered without being stored.
-            finished = store.iter_tasks(states=FINISHED_STATES)
-            if msg.everything:
-                found = set(store.all_result_ids()) | {r.task_id for r in finished}
-            else:
-                before = msg.before
-                assert before is not None
-                found = set(store.completed_before(before)) | {
-                    r.task_id for r in finished if r.completed is not None and r.completed < before}
-            ids = sorted(found)
-        else:
-            ids = [t for t in msg.task_ids
-                   if store.get_result_record(t) is not None
-                   or ((rec := store.get_task(t)) is not None and rec.state in FINISHED_STATES)]
-        ids = [t for t in ids if self.scheduler.get(t) is None and self.recovery.find(t) is None]
-        if ids:
-            batch = store.batch()  # committed now, on its own: the reply says what really happened
-            batch.delete_results(ids)
-            store.commit(batch)
-        return len(ids)
 
-    def _status(self, rid: int) -> StatusReply:
-        counters = self.journal.store.counters()
-        engines = [
-            {"id": e.engine_id, "uuid": e.uuid, "host": e.hostname, "pid": e.pid,
-             "load": self.scheduler.engine_load(e.engine_id)}
-            for e in self.registry.engines()
-        ]
-        stats: dict[str, Any] = {"dropped": dict(self.dropped), "submitted": 0, "finished": 0, "delivered_direct": 0,
-                                 **self.counters, **self.relay.stats(),
-                                 "unstored_results": self.journal.unstored_results}
-        return StatusReply(rid, self.controller_id, self.codec.epoch, engines, self.scheduler.queued,
-                           self.scheduler.in_flight, counters.get("tasks_done", 0),
-                           counters.get("tasks_failed", 0), stats, self.pid, self.host)
 
     # ------------------------------------------------------------------ engine messages
     def _on_engine_message(self, ident: bytes, rx: Received, now: float) -> None:
@@ -540,25 +386,6 @@ class Gateway:
         if ident in self.clients:
             self._watch(task_id, ident)
 
-    def engine_returned(self, eid: int, running: list[str], now: float) -> list[str]:
-        """An engine registered again (after a controller restart or a reconnect). Returns the ids of the
-        tasks it holds or answered recently that we still wait for: it sends those results (again)."""
-        holding = set(running)
-        # Tasks this incarnation had assigned to it that it no longer holds were lost on the way.
-        for task in [t for t in self.scheduler.outstanding(eid) if t.task_id not in holding]:
-            self.scheduler.complete(task.task_id, None, None)
-            self._retry_or_fail(task, f"engine {eid} reconnected without task {task.task_id}", now)
-        adopt, lost, held = self.recovery.engine_returned(eid, running)
-        for task in adopt:
-            self.scheduler.adopt(eid, task)
-        for task in lost:
-            self._retry_or_fail(task, f"the controller restarted while task {task.task_id} was on engine {eid}, "
-                                      "which no longer holds it", now)
-        for task in held:
-            self.scheduler.submit(task)
-        return [t.task_id for t in adopt] + [t.task_id for t in self.scheduler.outstanding(eid)
-                                             if t.task_id in holding and t not in adopt]
-
     def _on_results(self, ident: bytes, msg: Results, frames: list[Any], now: float) -> None:
         pos = 0
         for res in msg.results:
@@ -566,9 +393,9 @@ class Gateway:
             pos += res.nframes
             if res.stream is not None:
                 if isinstance(res.stream, list) and res.stream and res.stream[0] == DELIVERED:
-                    self._on_delivered(res)
+                    self.streams.on_delivered(res)
                 else:
-                    self._on_result_stream(ident, res, now)
+                    self.streams.on_result_stream(ident, res, now)
                 continue
             runtime = res.completed - res.started if res.started is not None else None
             task = self.scheduler.complete(res.task_id, res.engine, runtime)
@@ -578,72 +405,6 @@ class Gateway:
                 self.dropped["DuplicateResult"] += 1
                 continue
             self._finish(task, res, rframes)
-
-    def _on_result_stream(self, ident: bytes, res: ResultSpec, now: float) -> None:
-        """An engine announced a large result; its chunks follow (the task finishes when all are stored)."""
-        try:
-            sid, sizes = parse_head(res.stream)
-        except MalformedMessage:
-            self.dropped["MalformedMessage"] += 1
-            return
-        task = self.scheduler.get(res.task_id) or self.recovery.find(res.task_id)
-        w = self._watchers.get(res.task_id)
-        watchers = (w,) if isinstance(w, bytes) else tuple(w or ())
-        heads = None if task is None else self.relay.open_result(self.engine_sock, ident, task, res, sid, sizes, now,
-                                                                 watchers, self.client_sock)
-        if heads is None:
-            self.dropped["DuplicateResult"] += 1
-            self._send(self.engine_sock, ident, StreamAbort(sid, "StreamAborted", f"duplicate result of {res.task_id}"))
-            return
-        for client, fsid in heads:  # the watchers get the result as it arrives (cut-through)
-            self._to_clients[client].append((res._replace(nframes=0, stream=[fsid, sizes]), []))
-
-    def _on_delivered(self, res: ResultSpec) -> None:
-        """An engine sent a large pull result straight to its client (``fedpar.wire.direct``): finish the task,
-        recording that the value is not kept here."""
-        try:
-            _, sizes = parse_head(res.stream, delivered=True)
-        except MalformedMessage:
-            self.dropped["MalformedMessage"] += 1
-            return
-        runtime = res.completed - res.started if res.started is not None else None
-        task = self.scheduler.complete(res.task_id, res.engine, runtime) or self.recovery.take(res.task_id)
-        if task is None:
-            self.dropped["DuplicateResult"] += 1
-            return
-        self.counters["delivered_direct"] += 1
-        self._finish(task, res._replace(stream=[DELIVERED, sizes]), [])
-
-    def _stream_complete(self, inb: Inbound) -> None:
-        """Every chunk of an inbound stream is stored: queue its task, or finish it with its result."""
-        task = inb.task
-        if inb.kind == STREAM_INPUT:
-            self.journal.task_queued(task, streamed=True)
-            self._acks.setdefault((inb.ident, inb.rid), []).append(task.task_id)
-            self.counters["submitted"] += 1
-            return
-        res = inb.res
-        assert res is not None
-        runtime = res.completed - res.started if res.started is not None else None
-        found = self.scheduler.complete(res.task_id, res.engine, runtime) or self.recovery.take(res.task_id)
-        if found is None:
-            self.dropped["DuplicateResult"] += 1
-            return
-        self._finish(found, res._replace(nframes=0, stream=[0, inb.sizes]), [])
-
-    def _stream_failed(self, inb: Inbound, ename: str, evalue: str) -> None:
-        """An inbound stream was abandoned: refuse its submission, or fail its task."""
-        tid = inb.task.task_id
-        if inb.kind == STREAM_INPUT:  # scheduled already (maybe running on its engine): withdraw it
-            self._rejects[(inb.ident, inb.rid)].append([tid, ename, evalue])
-            if not self.scheduler.cancel_queued([tid]):
-                self.scheduler.complete(tid, None, None)
-            self._watchers.pop(tid, None)
-            self.journal.unrecorded.discard(tid)
-            return
-        task = self.scheduler.complete(tid, None, None) or self.recovery.take(tid)
-        if task is not None:
-            self._fail(task, f"fedpar.{ename}", evalue, time.time())
 
     def _finish(self, task: Task, res: ResultSpec, frames: list[Any]) -> None:
         """Record a task's outcome and send it to its watchers (``res.stream``: stored chunk by chunk)."""
@@ -668,48 +429,14 @@ class Gateway:
             if delivered:  # the submitter has it; any other watcher learns it is not kept
                 self._to_clients[ident].append((res, []))
             elif ident not in fed:  # (a follower stream has been sending it already)
-                self._to_clients[ident].append(self._for_client(ident, res, frames))
+                self._to_clients[ident].append(self.requests.for_client(ident, res, frames))
 
     def _fail(self, task: Task, ename: str, evalue: str, now: float) -> None:
         res = ResultSpec(task.task_id, False, task.engine, task.assigned, now, [ename, evalue, ""], 0)
         self._finish(task, res, [])
 
-    def _check_engines(self, now: float) -> None:
-        self.relay.expire(now)
-        self.desk.rebalance()
-        for eid in self.registry.expired(now):
-            self._lose_engine(eid, now, f"engine {eid} stopped answering heartbeats")
-        if self.recovery.active:
-            lost, held = self.recovery.expire(now)
-            for task in lost:
-                self._retry_or_fail(task, f"engine {task.engine} did not come back after the controller "
-                                          f"restarted while it held task {task.task_id}", now)
-            for task in held:
-                self._fail(task, ENGINE_LOST, f"engine {task.target} did not come back after the controller "
-                                              f"restarted; direct task {task.task_id} cannot run", now)
 
-    def _lose_engine(self, eid: int, now: float, why: str, state: str = "dead") -> None:
-        ident = self.registry.task_identity(eid)
-        if ident is not None:
-            self.relay.drop_peer(ident)
-        rec = self.registry.unregister(eid, state)
-        if rec is None:
-            return
-        if state == "dead":
-            log.warning("%s; its tasks are retried or failed", why)
-        self.journal.engine(rec)
-        self._events_unregistered.append(eid)
-        running, waiting = self.scheduler.remove_engine(eid)
-        for task in running:
-            self._retry_or_fail(task, f"{why} while running task {task.task_id}", now)
-        for task in waiting:
-            self._fail(task, ENGINE_LOST, f"{why} before task {task.task_id} could run", now)
 
-    def _shutdown_engines(self, reason: str) -> None:
-        for rec in self.registry.engines():
-            ident = self.registry.control_identity(rec.engine_id)
-            if ident is not None:
-                self._send(self.engine_sock, ident, EngineStop(reason))
 
     # ------------------------------------------------------------------ end of a pass
     def _finish_pass(self, now: float, final: bool = False) -> None:
@@ -823,7 +550,7 @@ class Gateway:
     def _dispatch(self, eid: int, tasks: list[Task], now: float) -> None:
         ident = self.registry.task_identity(eid)
         if ident is None:
-            self._lose_engine(eid, now, f"engine {eid} is unreachable")
+            self.desk.lose_engine(eid, now, f"engine {eid} is unreachable")
             return
         frames: list[Any] = []
         specs: list[TaskSpec] = []
@@ -844,7 +571,7 @@ class Gateway:
             specs.append(TaskSpec(t.task_id, t.op, t.target, len(tframes), t.retries, t.spec))
             frames.extend(tframes)
         if not self._send(self.engine_sock, ident, Tasks(specs), frames):
-            self._lose_engine(eid, now, f"engine {eid} is unreachable")
+            self.desk.lose_engine(eid, now, f"engine {eid} is unreachable")
 
     def _reply_client(self, ident: bytes, msg: Message, frames: list[Any] | None = None) -> None:
         self._replies.append((self.client_sock, ident, msg, frames or []))
