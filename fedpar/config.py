@@ -78,6 +78,9 @@ class ControllerConfig:
 
     host: str = field(default="127.0.0.1", metadata=_doc(
         "address to bind; non-loopback needs encryption or [security] insecure"))
+    advertise: str = field(default="", metadata=_doc(
+        "address or name clients, engines and other controllers dial to reach this controller; empty = the "
+        "bound address, or for a wildcard bind (0.0.0.0, ::) this host's address on its default route"))
     state_dir: str = field(default="", metadata=_doc(
         "LMDB state directory; empty = ${XDG_STATE_HOME:-~/.local/state}/fedpar/<cluster id>"))
     heartbeat: float = field(default=1.0, metadata=_doc("seconds between engine heartbeats"))

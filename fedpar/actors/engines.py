@@ -76,6 +76,7 @@ class EngineDesk:
         # its published count shows them (placement decides from counts published about once a second).
         self._sent: list[tuple[float, str]] = []
         self._quiet_until = 0.0  # no rebalancing before (monotonic): the counts must catch up with the moves
+        self._stable: tuple[dict[str, int], float] = ({}, 0.0)  # counts last seen, and since when unchanged
 
     # ------------------------------------------------------------------ messages from engines
     def on_hello(self, ident: bytes, rid: int, msg: EngineHello, now: float) -> None:
@@ -283,15 +284,23 @@ class EngineDesk:
 
     def rebalance(self) -> None:
         """Drain the engines this controller should shed (over quota) towards their new homes; stop draining
-        those it may keep after all. Not within ``QUIET`` seconds of engines moving in or out: published
-        counts lag by about a second, and deciding on stale counts would bounce engines back and forth."""
+        those it may keep after all. Only on counts unchanged for ``QUIET`` seconds, and not within ``QUIET``
+        seconds of engines moving in or out: published counts lag by about a second, and deciding on stale
+        counts would move engines of a balanced federation, or bounce them back and forth."""
         gw = self.gw
+        now = time.monotonic()
         if self.view.entry(gw.cid) is None or gw.leaving:  # not in the view (yet, paused or leaving): move nobody
             moves: dict[int, str] = {}
-        elif time.monotonic() < self._quiet_until:
+        elif now < self._quiet_until:
             return
         else:
-            moves = placement.rebalance(gw.cid, gw.registry.ids(), self.view.weights(), self._counts())
+            counts = self._counts()
+            if counts != self._stable[0]:  # (engines still arriving, or counts not yet published everywhere)
+                self._stable = (counts, now)
+                return
+            if now - self._stable[1] < QUIET:
+                return
+            moves = placement.rebalance(gw.cid, gw.registry.ids(), self.view.weights(), counts)
         for eid in [e for e in self._moving if e not in moves]:
             del self._moving[eid]
             gw.scheduler.drain(eid, False)

@@ -73,6 +73,7 @@ class Control:
         self.last_ack = time.monotonic()
         self.last_hello = 0.0
         self.pending: tuple[str, str] | None = None  # a move in progress: (cid, endpoint) awaiting its welcome
+        self.failing_over = False  # the move in progress is a failover (it brings recent results too)
         self._probes = 0
 
     def run(self) -> None:
@@ -114,8 +115,11 @@ class Control:
                     self._hello(held, [self.home.cid, self.home.epoch])
                     log.info("engine %d registering again (holding %d task(s))", e.engine_id, len(held))
                 silent = now - self.last_ack
-                if silent > SUSPECT * self.heartbeat and self.pending is None:
-                    self._probe()
+                if silent > SUSPECT * self.heartbeat:
+                    if self.pending is None:
+                        self._probe()
+                    else:
+                        self._probe_pending()
                 if not reason and time.monotonic() - self.last_ack > e.controller_timeout:
                     reason = f"no controller answered for {e.controller_timeout:.0f}s"
         finally:
@@ -142,6 +146,7 @@ class Control:
         self.home = Home(self.pending[0] if self.pending else self.home.cid, epoch,
                          self.pending[1] if self.pending else self.home.endpoint)
         self.pending = None
+        self.failing_over = False
         if msg.membership:
             self._learn(msg.membership)
         if msg.engine_id != e.engine_id:
@@ -166,6 +171,32 @@ class Control:
         self.pending = (cid, endpoint)
         self.last_ack = time.monotonic()  # (give the new controller a fair chance before suspecting it)
         self._hello(running, origin, redirected)
+
+    def _probe_pending(self) -> None:
+        """The controller we are moving to has not welcomed us: if the registry says it is gone (or it
+        restarted), go where placement says among the others, still bringing what we hold."""
+        assert self.pending is not None
+        e = self.e
+        target = self.pending[0]
+        peers = [x for x in e.view.live if x.cid != target]
+        if not peers:
+            return
+        self._probes += 1
+        peer = peers[self._probes % len(peers)]
+        view = _ask_view(e.ctx, self.codec, peer.engine_endpoint, f"p:{e.uuid}:{self._probes}".encode())
+        if view is None:
+            return
+        e.view = view
+        if view.entry(target) is not None:
+            return  # still registered: slow, or paused; if it lapses we go elsewhere
+        home = view.place(e.engine_id)
+        entry = view.entry(home) if home is not None else None
+        if entry is None:
+            return
+        log.warning("engine %d: controller %s, where it was moving, is gone; moving to controller %s instead",
+                    e.engine_id, target, entry.cid)
+        held = sorted(e.holding_now() | e.recent_ids()) if self.failing_over else sorted(e.holding_now())
+        self._move(entry.cid, entry.engine_endpoint, held, redirected=True)
 
     def _probe(self) -> None:
         """Our controller is silent: ask the others of our view whether it is still registered."""
@@ -195,6 +226,7 @@ class Control:
             return
         log.warning("engine %d: controller %s is gone; moving to controller %s with %d task(s)", e.engine_id,
                     home.cid, entry.cid, len(held))
+        self.failing_over = True
         self._move(entry.cid, entry.engine_endpoint, held, redirected=True)
 
 

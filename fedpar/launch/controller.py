@@ -43,7 +43,7 @@ from fedpar.wire.codec import Codec
 from fedpar.wire.protocol import CHUNK_BYTES
 from fedpar.wire.signing import KEY_BYTES, new_cluster_key
 from fedpar.wire.streams import StreamSettings
-from fedpar.wire.transport import bind_router, is_loopback, publish_host
+from fedpar.wire.transport import advertised, bind_router, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +174,8 @@ def _serve(config: Config, *, cluster_id: str, state_dir: Path, key: bytes | Non
     client_sock, client_ep = bind_router(ctx, host, previous.get("client"))
     engine_sock, engine_ep = bind_router(ctx, host, previous.get("engine"))
     (state_dir / ENDPOINTS_FILE).write_text(json.dumps({"client": _port(client_ep), "engine": _port(engine_ep)}))
-    pub = publish_host(host)
-    client_ep = client_ep.replace(f"//{host}:", f"//{pub}:") if pub != host else client_ep
-    engine_ep = engine_ep.replace(f"//{host}:", f"//{pub}:") if pub != host else engine_ep
+    client_ep = advertised(client_ep, config.controller.advertise)
+    engine_ep = advertised(engine_ep, config.controller.advertise)
 
     codec = Codec(key, f"controller:{controller_id}:{epoch}", epoch=epoch,
                   replay_window=config.security.replay_window, marks=store.marks())

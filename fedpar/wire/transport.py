@@ -144,11 +144,50 @@ def recv_parts(sock: zmq.Socket[Any], flags: int = 0) -> list[Any]:
             return parts
 
 
-def publish_host(host: str) -> str:
-    """The host name to publish for a wildcard bind."""
-    if host in ("0.0.0.0", "*", "::"):
-        return socket.gethostname()
-    return host
+WILDCARDS = ("0.0.0.0", "*", "::", "")
+
+
+def advertised(endpoint: str, advertise: str = "") -> str:
+    """The endpoint other hosts should dial for a socket bound at ``endpoint`` (``tcp://ADDR:PORT``).
+
+    ``advertise`` (an address or host name) wins when given. Otherwise an endpoint bound to one address is
+    published as is, and one bound to every interface (``0.0.0.0``, ``::``) is published at this host's
+    address on its default route (found without sending anything: a UDP socket's ``connect`` only picks the
+    route), else at its host name's address: never at the wildcard, which a peer would take for itself.
+    Raises ``TransportError`` when no usable address exists (then set ``[controller] advertise``)."""
+    scheme, _, rest = endpoint.partition("://")
+    addr, _, port = rest.rpartition(":")
+    bare = addr.strip("[]")
+    if advertise:
+        host = advertise
+    elif bare not in WILDCARDS:
+        return endpoint
+    else:
+        host = _this_host_address(ipv6=":" in bare)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def _this_host_address(ipv6: bool) -> str:
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    probe = "2001:db8::1" if ipv6 else "198.51.100.1"  # documentation ranges: nothing is sent
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((probe, 9))
+            ip = str(s.getsockname()[0])
+        if not ipaddress.ip_address(ip).is_unspecified:
+            return ip
+    except OSError:
+        pass
+    try:
+        ip = socket.gethostbyname(socket.gethostname())
+        if not ipaddress.ip_address(ip).is_loopback:
+            return ip
+    except OSError:
+        pass
+    raise TransportError("bound to every interface but found no address of this host that others could dial: "
+                         "set [controller] advertise to the address or name they should use")
 
 
 class Waker:
