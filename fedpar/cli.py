@@ -82,9 +82,9 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if args.discovery:  # find the controllers through the registry (the key from --key-file or a connection file)
-        from fedpar.client.client import _info_from_discovery
+        from fedpar.federation.seeds import connection_info
 
-        info = _info_from_discovery(args.discovery, cfg.cluster.id, _key(args))
+        info = connection_info(args.discovery, cfg.cluster.id, _key(args))
     else:
         info = read_connection_file(_conn_path(args, cfg), cfg)
     return run_engine(info, controller_timeout=cfg.engines.controller_timeout,

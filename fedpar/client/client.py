@@ -26,13 +26,13 @@ from fedpar.client.link import Link
 from fedpar.client.requests import Gather, Lookup
 from fedpar.client.results import AsyncResult, as_list, first
 from fedpar.errors import (
-    ConfigError,
     ControllerUnavailable,
     FedparError,
     TimeoutError,
     UnknownEngineError,
 )
-from fedpar.runtime import ConnectionInfo, read_connection_file, read_key_file
+from fedpar.federation.seeds import connection_info, endpoints
+from fedpar.runtime import ConnectionInfo, read_connection_file
 from fedpar.store.records import TaskRecord
 from fedpar.wire.codec import Codec
 from fedpar.wire.direct import OFFER, wants_direct
@@ -105,7 +105,7 @@ class Client:
                  key: bytes | str | os.PathLike[str] | None = None,
                  timeout: float = 10.0, lost_after: float | None = 120.0):
         if discovery is not None:
-            self.info = _info_from_discovery(discovery, cluster, key)
+            self.info = connection_info(discovery, cluster, key)
         elif isinstance(connection_file, ConnectionInfo):
             self.info = connection_file
         else:
@@ -123,7 +123,7 @@ class Client:
         self._closed = False
         self.controller_id = self.info.controller_id
         self._ctx: zmq.Context[Any] = zmq.Context()
-        self._io = IOThread(self, self._ctx, Codec(self.info.key, self.sender), _endpoints(self.info))
+        self._io = IOThread(self, self._ctx, Codec(self.info.key, self.sender), endpoints(self.info, "client"))
         self._io.start()
         deadline = time.monotonic() + timeout
         if not self._io.welcomed.wait(timeout):
@@ -464,45 +464,6 @@ class Client:
     def __repr__(self) -> str:
         n = len(self._io.ready_links())
         return f"<fedpar.Client {self.info.cluster_id} controllers={n} engines={self.ids}>"
-
-
-def _endpoints(info: ConnectionInfo) -> list[str]:
-    """Client endpoints to try: the connection file's controller(s), then the discovery registry's."""
-    out = [info.client_endpoint, *(c[0] for c in info.controllers)]
-    if info.discovery:
-        from fedpar.federation.discovery import live_controllers
-
-        try:
-            out.extend(e.client_endpoint for e in live_controllers(info.discovery, info.cluster_id, info.key))
-        except FedparError as exc:
-            log.warning("cannot read the discovery registry %s: %s", info.discovery, exc)
-    return list(dict.fromkeys(e for e in out if e))
-
-
-def _info_from_discovery(url: str, cluster: str | None, key: bytes | str | os.PathLike[str] | None) -> ConnectionInfo:
-    """What ``Client(discovery=..., cluster=...)`` connects with: the live controllers of that registry."""
-    from fedpar.federation.discovery import live_controllers
-
-    if not cluster:
-        raise ConfigError("Client(discovery=...) needs cluster=NAME: the federation's name in the registry")
-    if key is None:
-        try:
-            key = read_connection_file(cluster).key
-        except FedparError:
-            raise ConfigError(
-                f"Client(discovery=..., cluster={cluster!r}) needs the cluster key: key=bytes or key=<path of a "
-                "key file>, or a connection file for that cluster in the runtime directory") from None
-    elif not isinstance(key, bytes):
-        key = read_key_file(Path(key))
-    assert isinstance(key, bytes)
-    live = live_controllers(url, cluster, key)
-    if not live:
-        raise ControllerUnavailable(f"no live controller of cluster {cluster!r} is registered at {url}")
-    first_ = live[0]
-    return ConnectionInfo(
-        cluster_id=cluster, key=key, client_endpoint=first_.client_endpoint, engine_endpoint=first_.engine_endpoint,
-        controller_id=first_.cid, controller_pid=first_.pid, state_dir=first_.state_dir, created=time.time(),
-        discovery=url, controllers=tuple((e.client_endpoint, e.engine_endpoint) for e in live))
 
 
 __all__ = ["Client"]

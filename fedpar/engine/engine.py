@@ -29,8 +29,9 @@ import zmq
 
 from fedpar.engine.control import Control, Home
 from fedpar.engine.streams import StreamIO
-from fedpar.errors import ControllerUnavailable, FedparError, ProtocolError, StreamError
+from fedpar.errors import ControllerUnavailable, ProtocolError, StreamError
 from fedpar.federation.membership import View
+from fedpar.federation.seeds import endpoints
 from fedpar.runtime import ConnectionInfo
 from fedpar.wire.codec import Codec
 from fedpar.wire.direct import EngineLinks
@@ -115,23 +116,10 @@ class Engine:
                 if s is not None:
                     s.close(0)
 
-    def _candidates(self) -> list[str]:
-        """Engine endpoints to try first: the connection file's controller(s), then the registry's."""
-        out = [self.info.engine_endpoint, *(c[1] for c in self.info.controllers)]
-        if self.info.discovery:
-            from fedpar.federation.discovery import live_controllers
-
-            try:
-                out.extend(e.engine_endpoint for e in live_controllers(self.info.discovery, self.info.cluster_id,
-                                                                        self.info.key))
-            except FedparError as exc:
-                log.warning("cannot read the discovery registry %s: %s", self.info.discovery, exc)
-        return list(dict.fromkeys(e for e in out if e))
-
     def _register(self, codec: Codec, timeout: float) -> tuple[zmq.Socket[Any], Home, float]:
         """Register with a controller (the one placement picks), trying each known endpoint in turn."""
         deadline = time.monotonic() + timeout
-        candidates = self._candidates()
+        candidates = endpoints(self.info, "engine")
         tried = 0
         endpoint = candidates[0]
         redirected = False

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procutil import assert_no_procs, pid_gone
+from procutil import assert_no_procs, kill_pids, pid_gone
 
 import fedpar
 from fedpar.runtime import connection_file_path, read_connection_file
@@ -261,3 +261,56 @@ def test_busy_engine_stops_on_sigterm(procs, tmp_path):
         finally:
             with pytest.raises(fedpar.TaskError):  # EngineError, or the interrupted task's RemoteError
                 busy.get(timeout=20)
+
+
+def test_cluster_of_several_controllers_from_the_cli(procs, tmp_path):
+    """`fedpar cluster start --controllers 2`: a federation; status lists each controller; stop leaves nothing."""
+    cid = unique_id("fedcli")
+    pids: list[int] = []
+    try:
+        started = fedpar_cmd("cluster", "start", "-n", "4", "--controllers", "2", "--cluster-id", cid,
+                             "--state-dir", str(tmp_path / "state"), "--timeout", "30")
+        if connection_file_path(cid).exists():
+            info = read_connection_file(cid)
+            pids = [*info.controller_pids, *info.engine_pids]
+            procs.add(*pids)
+        assert started.returncode == 0, started.stderr
+        info = read_connection_file(cid)
+        assert len(info.controller_pids) == 2 and len(info.engine_pids) == 4 and info.discovery.startswith("lmdb://")
+        status = fedpar_cmd("cluster", "status", "--cluster-id", cid)
+        assert status.returncode == 0, status.stderr
+        assert status.stdout.count("controller ") == 2 and "engines: 4" in status.stdout
+        for pid in info.controller_pids:
+            assert f"pid {pid} " in status.stdout
+        with fedpar.Client(cid) as client:
+            assert client.load_balanced_view().map_sync(abs, range(-20, 0)) == list(range(20, 0, -1))
+        stopped = fedpar_cmd("cluster", "stop", "--cluster-id", cid)
+        assert stopped.returncode == 0, stopped.stderr
+        assert_no_procs(pids, timeout=10)
+        assert not connection_file_path(cid).exists()
+    finally:
+        kill_pids(pids)
+
+
+def test_controller_and_engine_through_a_registry_and_key_file(procs, tmp_path):
+    """The foreground commands of a federation: `--discovery URL --cluster NAME --key-file F`; the first
+    controller creates the key file (0600)."""
+    url = f"lmdb://{tmp_path / 'registry'}"
+    key = tmp_path / "cluster.key"
+    common = ["--cluster", "kf", "--discovery", url, "--key-file", str(key)]
+    ctl = [procs.popen([sys.executable, "-m", "fedpar", "controller", *common, "--state-dir", str(tmp_path / f"s{i}"),
+                        "--connection-file", str(tmp_path / f"c{i}.json")], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+    for i, p in enumerate(ctl):
+        _wait_for_file(tmp_path / f"c{i}.json", p, 30)
+    assert (key.stat().st_mode & 0o777) == 0o600
+    for _ in range(2):
+        procs.popen([sys.executable, "-m", "fedpar", "engine", *common], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with fedpar.Client(discovery=url, cluster="kf", key=key) as client:
+        client.wait_for_engines(2, timeout=30)
+        assert len(client.status()["controllers"]) == 2
+        assert client.load_balanced_view().apply_sync(abs, -3) == 3
+    key.chmod(0o644)
+    with pytest.raises(fedpar.ConfigError, match="chmod 600"):
+        fedpar.Client(discovery=url, cluster="kf", key=key)

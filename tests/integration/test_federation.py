@@ -6,7 +6,9 @@ read or add work; tests that change the control plane (add or stop a controller)
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -172,3 +174,32 @@ def test_stop_controller_hands_its_work_over(tmp_path: Path) -> None:
             assert sorted(client[:].apply_sync(os.getpid)) == sorted(c.engine_pids)  # every engine, same ids
         finally:
             client.close()
+
+
+@pytest.mark.timeout(150)
+def test_federation_through_consul_with_failover(tmp_path: Path) -> None:
+    """Controllers federated through Consul's HTTP API: against ``ConsulStandIn`` (a stand-in of the endpoints
+    the backend uses; no Consul agent can be installed here), or a real agent when CONSUL_HTTP_ADDR is set."""
+    from tests.standins.consul import ConsulStandIn
+
+    real = os.environ.get("CONSUL_HTTP_ADDR")
+    with ConsulStandIn() as standin:
+        url = f"consul://{real}" if real else standin.url
+        for c in federation(tmp_path / "logs", n=4, controllers=2,
+                            config=Config(discovery=dataclasses.replace(Config().discovery, url=url))):
+            client = c.connect_client()
+            try:
+                lv = client.load_balanced_view(retries=1)
+                ars = [lv.apply_async(slow_square, i) for i in range(600)]
+                dead = next(x for x in client.status()["controllers"] if x["engines"])
+                os.kill(dead["pid"], signal.SIGKILL)
+                assert [a.get(timeout=60) for a in ars] == [i * i for i in range(600)]
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    own = owners(client)
+                    if dead["id"] not in own and sorted(e for es in own.values() for e in es) == list(range(4)):
+                        break
+                    time.sleep(0.1)
+                assert dead["id"] not in own and sorted(e for es in own.values() for e in es) == list(range(4)), own
+            finally:
+                client.close()
