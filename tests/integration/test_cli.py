@@ -314,3 +314,18 @@ def test_controller_and_engine_through_a_registry_and_key_file(procs, tmp_path):
     key.chmod(0o644)
     with pytest.raises(fedpar.ConfigError, match="chmod 600"):
         fedpar.Client(discovery=url, cluster="kf", key=key)
+
+
+def test_controller_with_an_unreachable_registry_fails_at_start(tmp_path):
+    """A registry that cannot be reached is a clear typed error at start, within seconds, naming the URL."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    res = fedpar_cmd("controller", "--cluster", "unreach", "--discovery", f"etcd://127.0.0.1:{port}",
+                     "--state-dir", str(tmp_path / "s"), "--connection-file", str(tmp_path / "c.json"), timeout=60)
+    assert res.returncode == 1 and time.monotonic() - t0 < 20
+    assert "RegistryUnavailable" in res.stderr and f"127.0.0.1:{port}" in res.stderr, res.stderr
+    assert not (tmp_path / "c.json").exists()

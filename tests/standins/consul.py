@@ -23,6 +23,9 @@ Endpoints and behaviour it implements:
 * ``PUT /v1/agent/service/register`` (``Name``, ``ID``, ``Check`` or ``Checks`` with ``TTL``, ``Status``
   (default critical), ``CheckID`` (default ``service:<id>``)), ``PUT /v1/agent/service/deregister/<id>``,
   ``PUT /v1/agent/check/pass/<check id>`` (404 "Unknown check ID" when unknown).
+* ``PUT /v1/session/renew/<id>``: 200 with the session in a list; 404 "Session id '...' not found" when gone.
+  A session with a ``TTL`` not renewed for ``session_ttl_factor`` times its TTL (default 2.0: Consul documents
+  the TTL as a lower bound and that invalidation may take up to twice it) is invalidated.
 * A TTL check not passed for its TTL turns critical; a session is invalidated when one of its checks turns
   critical or is deregistered, or when it is destroyed: with behavior ``delete`` its keys are deleted, with
   ``release`` they are unlocked. Expiry is evaluated before every request (the only way to observe it).
@@ -115,6 +118,7 @@ class _Session:
     ttl: str
     create_index: int
     node: str = "standin-node"
+    renewed: float = 0.0  # time.monotonic() of creation or the last renewal
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -125,10 +129,12 @@ class ConsulStandIn:
     ``127.0.0.1:PORT`` and ``c.url`` the matching ``consul://`` registry URL.
     """
 
-    def __init__(self, *, acl_token: str | None = None, node: str = "standin-node", sync_delay: float = 0.0):
+    def __init__(self, *, acl_token: str | None = None, node: str = "standin-node", sync_delay: float = 0.0,
+                 session_ttl_factor: float = 2.0):
         self.acl_token = acl_token
         self.node = node
         self.sync_delay = sync_delay
+        self.session_ttl_factor = session_ttl_factor
         self.requests = 0
         self._lock = threading.RLock()
         self._index = 1
@@ -208,12 +214,16 @@ class ConsulStandIn:
         return self._index
 
     def _tick(self) -> None:
-        """Turn overdue TTL checks critical and invalidate the sessions that depend on them."""
+        """Turn overdue TTL checks critical and invalidate the sessions that depend on them, and the sessions
+        whose own TTL ran out (after ``session_ttl_factor`` times it, Consul's documented worst case)."""
         now = time.monotonic()
         for c in self._checks.values():
             if c.ttl is not None and c.status != "critical" and now - c.updated > c.ttl:
                 c.status, c.updated = "critical", now
                 self._invalidate_on(c.check_id)
+        for sess in list(self._sessions.values()):
+            if sess.ttl and now - sess.renewed > _duration(sess.ttl) * self.session_ttl_factor:
+                self._destroy_session(sess.id)
 
     def _invalidate_on(self, check_id: str) -> None:
         for sid in [s.id for s in self._sessions.values() if check_id in s.checks]:
@@ -261,6 +271,13 @@ class ConsulStandIn:
         elif path.startswith("/v1/session/destroy/") and method == "PUT":
             self._destroy_session(path.rsplit("/", 1)[1])
             return 200, True, {}
+        elif path.startswith("/v1/session/renew/") and method == "PUT":
+            sid = path.rsplit("/", 1)[1]
+            sess = self._sessions.get(sid)
+            if sess is None:
+                raise _HTTPError(404, f"Session id '{sid}' not found")
+            sess.renewed = time.monotonic()
+            return 200, [self._session_json(sess)], {}
         elif path.startswith("/v1/session/info/") and method == "GET":
             s = self._sessions.get(path.rsplit("/", 1)[1])
             return 200, ([self._session_json(s)] if s else []), {"X-Consul-Index": str(self._index)}
@@ -433,7 +450,7 @@ class ConsulStandIn:
                 raise _HTTPError(500, f"Check '{cid}' is in critical state")
         sid = str(uuid.uuid4())
         self._sessions[sid] = _Session(sid, str(body.get("name") or ""), checks, behavior, lock_delay, ttl,
-                                       self._next_index(), node=self.node)
+                                       self._next_index(), node=self.node, renewed=now)
         return sid
 
     def _session_json(self, s: _Session) -> dict[str, Any]:

@@ -175,3 +175,40 @@ def test_discovery_on_the_standin(standin: ConsulStandIn) -> None:
         assert d.renew(lease) is False
     finally:
         d.close_registry()
+
+
+def test_a_session_ttl_may_take_twice_its_value_which_is_why_leases_use_a_ttl_check() -> None:
+    """Consul documents a session's TTL as a lower bound (at least 10 s) that may take up to twice its value to
+    expire: too slow to notice a dead controller within seconds. The backend's leases are therefore a TTL
+    health check (critical right at its TTL) with the session bound to it; this pins both behaviours."""
+    import json
+    import urllib.request
+
+    with ConsulStandIn(session_ttl_factor=2.0) as s:
+        base = f"http://{s.address}"
+
+        def put(path: str, body: object = None) -> object:
+            req = urllib.request.Request(base + path, method="PUT",
+                                         data=json.dumps(body).encode() if body is not None else b"")
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return json.loads(r.read() or b"null")
+
+        sid = put("/v1/session/create", {"TTL": "10s", "Behavior": "delete"})["ID"]  # type: ignore[index]
+        sess = s._sessions[sid]
+        sess.renewed -= 15.0  # 15 s without renewal: past the TTL, within twice it: still alive
+        put(f"/v1/session/renew/{sid}")
+        assert sid in s.session_ids()
+        sess.renewed -= 21.0  # past twice the TTL: gone
+        try:
+            put(f"/v1/session/renew/{sid}")
+        except urllib.error.HTTPError as e:
+            assert e.code == 404
+        else:
+            raise AssertionError("a session past twice its TTL must be gone")
+    with ConsulStandIn() as s:
+        reg = ConsulRegistry(s.url)
+        lease = reg.grant(1.0, "twice")
+        reg.put("fedpar/t/k", b"v", lease=lease)
+        time.sleep(1.3)  # a lease (TTL check) lapses right after its TTL, not twice it
+        assert reg.get("fedpar/t/k") is None
+        reg.close()
