@@ -96,8 +96,8 @@ class Federation(pykka.ThreadingActor):
         elif isinstance(message, tuple) and message[0] == "adopt":
             _, cid, epoch, reply = message
             self._guard("deciding an adoption", lambda: self._adopt(cid, epoch, reply))
-        elif isinstance(message, tuple) and message[0] == "leave":
-            self._guard("handing the work over", lambda: self._leave(message[1]))
+        elif isinstance(message, tuple) and message[0] == "term":
+            self._term(message[1])
         elif isinstance(message, tuple) and message[0] == "deregister":
             self._guard("deregistering", self._deregister)
         return None
@@ -173,6 +173,9 @@ class Federation(pykka.ThreadingActor):
             if self.leaving:
                 break
             try:
+                if d.stopped(cid) == epoch:  # it stopped cleanly: nothing to take over
+                    self.tracker.took_over(cid, epoch, None, mono)
+                    continue
                 marker = d.take_over(cid, epoch, self.entry.cid)
             except FedparError:
                 self.tracker.failed(cid, epoch)
@@ -217,6 +220,20 @@ class Federation(pykka.ThreadingActor):
         self.call_soon(lambda: reply(verdict))
 
     # ------------------------------------------------------------------ leaving
+    def _term(self, gateway: Any) -> None:
+        """SIGTERM: with other controllers live (asked of the registry, not of a view that may lag), hand the
+        work over to them; else stop as a lone controller does (its tasks wait in its store)."""
+        try:
+            others = [e for e in self.discovery.controllers() if e.cid != self.entry.cid]
+            if others:
+                self._leave(gateway)
+                return
+        except FedparError as exc:
+            log.warning("cannot ask the registry whether other controllers run (%s); stopping without a "
+                        "handover", exc)
+        gateway.leaving = False
+        self.call_soon(gateway.stop)
+
     def _leave(self, gateway: Any) -> None:
         """A graceful stop while peers run (the gateway already starts nothing): deregister, take this
         controller's own work over (so its engines are adopted by the others with what they hold), send the
@@ -231,5 +248,8 @@ class Federation(pykka.ThreadingActor):
     _leave_done: tuple[float, Any] | None = None
 
     def _deregister(self) -> None:
+        """A clean stop (not a handover): mark it, so that the others do not take this controller over, then
+        leave the registry."""
         if not self.leaving:
+            self.discovery.mark_stopped(self.entry.cid, self.entry.epoch)
             self.discovery.deregister(self.lease)

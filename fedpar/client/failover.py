@@ -67,8 +67,8 @@ class Failover:
                 del self.io.router.owner[eid]
                 self.io.router.transit[eid] = now
         self.io.router.engines_changed()
-        log.warning("controller %s (epoch %d) was taken over; %d task(s) of this client wait to be found or "
-                    "resubmitted", cid, epoch, len(ids))
+        log.log(logging.WARNING if ids else logging.INFO, "controller %s (epoch %d) was taken over; %d task(s) of "
+                "this client wait to be found or resubmitted", cid, epoch, len(ids))
         self.pending[(cid, epoch)] = Orphans(cid, epoch, ids, engines)
         self.io._drop(link)
 

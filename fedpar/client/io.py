@@ -48,6 +48,7 @@ from fedpar.errors import (
     StreamCorrupted,
     UnknownEngineError,
 )
+from fedpar.federation.discovery import live_controllers
 from fedpar.federation.membership import View
 from fedpar.wire.codec import Codec, Received
 from fedpar.wire.protocol import (
@@ -73,11 +74,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PING_INTERVAL = 1.0  # with work outstanding, ping a silent controller this often (detects a restart)
+REGISTRY_EVERY = 3.0  # with no controller heard from for this long, look the live ones up in the registry
 MOVE_WAIT = 30.0  # seconds a direct task waits for its engine to reappear after a move
 
 
 
 # ---------------------------------------------------------------------------------------- operations
+@dataclass
+class Seeds:
+    """Controller endpoints read from the registry (by a helper thread): connect to the new ones."""
+
+    endpoints: list[str]
+
+
 class Force:
     """Send every held task now, ignoring capacity (``wait_for_send``, ``close``)."""
 
@@ -110,6 +119,7 @@ class IOThread(threading.Thread):
         self.router = Router(self)  # where tasks go: capacity, engine owners, tasks held back
         self.view = View()
         self.welcomed = threading.Event()  # the first Welcome arrived
+        self._looked_up = time.monotonic()  # when the registry was last read for controllers
         self.settled = threading.Event()  # connected to every live controller of the view
         self.settings = StreamSettings()
         self.sids = itertools.count(1)
@@ -205,9 +215,14 @@ class IOThread(threading.Thread):
             self.waker.close()
 
     def _housekeep(self, now: float) -> None:
-        """Pings (restart detection), silent controllers, stream timeouts, direct tasks whose engine vanished."""
+        """Pings (restart detection), silent controllers, stream timeouts, direct tasks whose engine vanished,
+        and the registry when no controller answers any more."""
         lost_after = self.client.lost_after
         waiting = self.client._waiting
+        if self.client.info.discovery and now - self._looked_up > REGISTRY_EVERY and not any(
+                lk.ready and now - lk.last_heard < REGISTRY_EVERY for lk in self.links.values()):
+            self._looked_up = now
+            threading.Thread(target=self._read_registry, name="fedpar-client-registry", daemon=True).start()
         for link in list(self.links.values()):
             if link.gone:
                 continue
@@ -232,6 +247,16 @@ class IOThread(threading.Thread):
 
 
     # ------------------------------------------------------------------ from user threads
+    def _read_registry(self) -> None:
+        """(A helper thread.) The live controllers of the registry: links to those the client lacks."""
+        info = self.client.info
+        try:
+            live = live_controllers(info.discovery, info.cluster_id, info.key)
+        except FedparError as exc:
+            log.warning("cannot read the discovery registry %s: %s", info.discovery, exc)
+            return
+        self.queue(Seeds([e.client_endpoint for e in live]), [])
+
     def _flush(self) -> None:
         out = self.outbox
         direct_out: dict[str, list[str]] = {}
@@ -256,6 +281,10 @@ class IOThread(threading.Thread):
                 self.router.dispatch(force=True)
             elif isinstance(item, Withdraw):
                 item.reply.set_result(self.router.withdraw(item.ids))
+            elif isinstance(item, Seeds):
+                for ep in item.endpoints:
+                    if ep not in self.links:
+                        self._connect(ep)
             else:
                 target = self._any_link()
                 if target is None:

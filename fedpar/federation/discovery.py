@@ -481,10 +481,38 @@ class Discovery:
             return None
 
     # -- housekeeping --------------------------------------------------------------------------
+    # -- clean stops ---------------------------------------------------------------------------
+    def stopped_key(self, cid: str) -> str:
+        """Key of the mark a controller leaves when it stops cleanly (persistent)."""
+        return f"{self._root}stopped/{check_controller_id(cid)}"
+
+    def mark_stopped(self, cid: str, epoch: int) -> None:
+        """Record that incarnation ``epoch`` of ``cid`` stops cleanly (write it *before* deregistering): its
+        registration disappearing is then not a death, and nobody takes its work over; its unfinished tasks
+        wait in its store for its next start, as with a lone controller."""
+        key = self.stopped_key(cid)
+        self.registry.put(key, self._seal_body(key, [cid, epoch, time.time()]))
+
+    def stopped(self, cid: str) -> int | None:
+        """The incarnation of ``cid`` that last stopped cleanly (None if none, or the mark is not authentic)."""
+        key = self.stopped_key(cid)
+        cur = self.registry.get(key)
+        if cur is None:
+            return None
+        try:
+            body = self._verified(key, cur[0])
+            if not (isinstance(body, list) and len(body) == 3 and body[0] == cid and type(body[1]) is int):
+                raise ValueError(f"not a stop mark: {body!r:.60}")
+            return int(body[1])
+        except Exception as e:  # as in _open: reported, never fatal here
+            self._bad(key, f"{type(e).__name__}: {e}")
+            return None
+
     def forget(self, cid: str) -> None:
-        """Delete ``known/<cid>`` and ``takeover/<cid>`` (a controller retired for good)."""
+        """Delete ``known/<cid>``, ``takeover/<cid>`` and ``stopped/<cid>`` (a controller retired for good)."""
         self.registry.delete(self.known_key(cid))
         self.registry.delete(self.takeover_key(cid))
+        self.registry.delete(self.stopped_key(cid))
 
     def close_registry(self) -> None:
         """Close the underlying registry."""

@@ -206,11 +206,11 @@ def _serve(config: Config, *, cluster_id: str, state_dir: Path, key: bytes | Non
     actor = fed.start(gateway) if fed else None
 
     def on_signal(signum: int, _frame: object) -> None:
-        if actor is not None and signum == signal.SIGTERM and gateway.desk.view.owner(0, exclude=[controller_id]):
+        if actor is not None and signum == signal.SIGTERM:
             if not gateway.leaving:
-                log.info("controller got SIGTERM; handing its work over to the other controllers")
+                log.info("controller got SIGTERM; handing its work over if other controllers run")
                 gateway.leaving = True  # (this handler runs on the gateway's thread: nothing starts from now on)
-                actor.tell(("leave", gateway))
+                actor.tell(("term", gateway))
             return
         log.info("controller got signal %d; stopping", signum)
         gateway.stop()

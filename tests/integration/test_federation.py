@@ -203,3 +203,31 @@ def test_federation_through_consul_with_failover(tmp_path: Path) -> None:
                 assert dead["id"] not in own and sorted(e for es in own.values() for e in es) == list(range(4)), own
             finally:
                 client.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_clean_stop_is_not_taken_over(tmp_path: Path) -> None:
+    """A controller stopped cleanly (SIGINT: a plain stop, not a handover) marks it in the registry: the others
+    do not take it over, so a restart on its state directory resumes what it had queued. SIGTERM (with others
+    running) is a handover instead."""
+    from fedpar.federation.discovery import Discovery, open_registry
+
+    for c in federation(tmp_path / "logs", n=4, controllers=3):
+        disc = Discovery(open_registry(c.discovery), c.cluster_id, (c.state_dir / "cluster.key").read_bytes())
+        try:
+            stopped = c._launcher.controllers[2]  # type: ignore[union-attr]
+            cid = c._infos[2].controller_id
+            stopped.send_signal(signal.SIGINT)
+            assert stopped.wait(15) == 0
+            c.stop_controller(1)  # a handover
+            handed = c._infos[1].controller_id
+            time.sleep(c.config.discovery.ttl + 2 * c.config.discovery.poll + 1.0)
+            marks = disc.takeovers()
+            assert cid not in marks and disc.stopped(cid) == 1
+            assert handed in marks and marks[handed].closed
+            c.restart_controller(2)
+            with c.connect_client() as client:
+                assert len(client.status()["controllers"]) == 2
+                assert client.load_balanced_view().map_sync(square, range(10)) == [i * i for i in range(10)]
+        finally:
+            disc.close_registry()
