@@ -47,7 +47,7 @@ def connection_info(url: str, cluster: str | None, key: bytes | str | os.PathLik
                 f"Client(discovery=..., cluster={cluster!r}) needs the cluster key: key=bytes or key=<path of a "
                 "key file>, or a connection file for that cluster in the runtime directory") from None
     elif not isinstance(key, bytes):
-        key = read_key_file(Path(key))
+        key = read_key_file(Path(key).expanduser())
     live = live_controllers(url, cluster, key)
     if not live:
         raise ControllerUnavailable(f"no live controller of cluster {cluster!r} is registered at {url}")
