@@ -6,10 +6,11 @@ Runs on the gateway thread (the gateway owns it and calls it; it sends through t
   from the registry (asked of the federation actor, in batches, so registrations never wait on the network
   in the gateway's loop) and the engine keeps it for life.
 * **placement** (``fedpar.federation.placement``): weighted rendezvous ranking with bounded loads. A new
-  engine registering here goes to its best-ranked controller under quota (redirected at once if that is
-  another one); when membership or the engine counts change, a controller over its quota drains the
-  engines it should shed (no new load-balanced work; what they hold finishes) and then tells each to move
-  (``EngineMove``). Balanced federations move nothing.
+  engine registers where it arrives (engines start at a random controller of those they know, so arrivals
+  are spread; redirecting them on counts that lag behind a registration storm only bounced them around);
+  once the counts have been stable for a while, a controller over its quota drains the engines it should
+  shed, those that rank it lowest (no new load-balanced work; what they hold finishes), and then tells each
+  to move (``EngineMove``) to its best-ranked controller under quota. Balanced federations move nothing.
 * **adoption**: an engine whose controller died arrives with the tasks it holds (``origin``); the federation
   actor says whether the takeover of that controller is still open. If so, the tasks become this
   controller's (their results are stored here and go to their clients); if it closed, the engine drops
@@ -22,6 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -74,7 +76,9 @@ class EngineDesk:
         self._evicting: dict[int, str] = {}  # leaving: engine id -> where it goes (told once it can be reached)
         # Engines this controller sent elsewhere (redirected or moved) lately, counted for their new home until
         # its published count shows them (placement decides from counts published about once a second).
-        self._sent: list[tuple[float, str]] = []
+        self._sent: deque[tuple[float, str]] = deque()
+        self._sent_count: Counter[str] = Counter()  # the same, counted per controller
+        self._shape: object = None  # what clients and engines were last told of the federation
         self._quiet_until = 0.0  # no rebalancing before (monotonic): the counts must catch up with the moves
         self._stable: tuple[dict[str, int], float] = ({}, 0.0)  # counts last seen, and since when unchanged
 
@@ -131,13 +135,6 @@ class EngineDesk:
     def _register(self, hello: _Hello, eid: int | None, *, adopt: tuple[str, int] | None = None,
                   drop: list[str] | None = None) -> None:
         gw, msg = self.gw, hello.msg
-        if eid is not None and not msg.redirected and not msg.running and not adopt:
-            home = self.view.place(eid, counts=self._counts())
-            entry = self.view.entry(home) if home is not None else None
-            if entry is not None and home != gw.cid and self.view.entry(gw.cid) is not None:
-                self._welcome(hello, eid, move_to=[entry.cid, entry.engine_endpoint])  # it belongs elsewhere
-                self._sent.append((time.monotonic(), entry.cid))
-                return
         holder = gw.registry.holder(eid) if eid is not None else None
         if holder is not None and holder != msg.uuid:
             log.error("engine id %d is claimed by uuid %s while uuid %s holds it; refused", eid, msg.uuid, holder)
@@ -257,16 +254,23 @@ class EngineDesk:
 
     # ------------------------------------------------------------------ membership
     def on_view(self, view: View, left: list[ControllerEntry]) -> None:
-        """The federation changed: tell everyone, and decide which of our engines belong elsewhere now."""
+        """The federation changed: tell everyone what they use of it, and decide which of our engines belong
+        elsewhere now. Clients and engines need the live controllers, those down and the takeovers, not the
+        engine counts, which change with every registration: a change of counts alone is not pushed (with
+        thousands of engines that would be a message per engine per second)."""
         self.view = view
         gw = self.gw
-        wire = Membership(view.to_wire())
-        for ident in list(gw.clients):
-            gw.send_client(ident, wire)
-        for rec in gw.registry.engines():
-            ctl = gw.registry.control_identity(rec.engine_id)
-            if ctl is not None:
-                gw.send_engine(ctl, wire)
+        shape = ([(e.cid, e.epoch, e.client_endpoint, e.engine_endpoint) for e in view.live],
+                 [k.cid for k in view.down], view.takeovers)
+        if shape != self._shape:
+            self._shape = shape
+            wire = Membership(view.to_wire())
+            for ident in list(gw.clients):
+                gw.send_client(ident, wire)
+            for rec in gw.registry.engines():
+                ctl = gw.registry.control_identity(rec.engine_id)
+                if ctl is not None:
+                    gw.send_engine(ctl, wire)
         if left:
             log.info("controllers gone: %s", ", ".join(f"{e.cid} (epoch {e.epoch})" for e in left))
         self.rebalance()
@@ -275,12 +279,19 @@ class EngineDesk:
         """Engines per controller for placement: published counts, ours exact, plus the engines we sent
         elsewhere lately that the published counts may not show yet."""
         now = time.monotonic()
-        self._sent = [(t, cid) for t, cid in self._sent if now - t < 2 * QUIET]
+        sent = self._sent
+        while sent and now - sent[0][0] >= 2 * QUIET:
+            self._sent_count[sent.popleft()[1]] -= 1
         counts = {e.cid: e.engines for e in self.view.live}
-        for _, cid in self._sent:
-            counts[cid] = counts.get(cid, 0) + 1
+        for cid, n in self._sent_count.items():
+            if n > 0:
+                counts[cid] = counts.get(cid, 0) + n
         counts[self.gw.cid] = len(self.gw.registry)
         return counts
+
+    def _sent_to(self, cid: str) -> None:
+        self._sent.append((time.monotonic(), cid))
+        self._sent_count[cid] += 1
 
     def rebalance(self) -> None:
         """Drain the engines this controller should shed (over quota) towards their new homes; stop draining
@@ -327,7 +338,7 @@ class EngineDesk:
             gw.send_engine(ident, EngineMove(home, entry.engine_endpoint, "placement"))
             gw.engine_left(eid, home)
             self.moved_to[eid] = home
-            self._sent.append((time.monotonic(), home))
+            self._sent_to(home)
             self._quiet_until = time.monotonic() + QUIET
             log.info("engine %d moves to controller %s (placement)", eid, home)
 

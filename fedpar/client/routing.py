@@ -11,6 +11,7 @@ over) its tasks wait here for its new home.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -76,7 +77,7 @@ class Router:
                 continue
             total = sum(lk.capacity for lk in links)
             n = len(held)
-            for link in sorted(links, key=lambda lk: lk.lb_out / lk.capacity):
+            for link in sorted(links, key=lambda lk: (lk.lb_out / lk.capacity, random.random())):  # (ties: by chance)
                 k = min(link.free, math.ceil(n * link.capacity / total), len(held), SUBMIT_BATCH)
                 if k > 0:
                     self.submit(link, [held.popleft() for _ in range(k)])

@@ -28,6 +28,7 @@ INITIAL_CREDIT = 2
 QUEUE_SECONDS = 0.05  # queued work per engine a controller asks clients for, beyond what its engines hold
 MIN_QUEUE = 2
 MAX_QUEUE = 1024
+UNMEASURED_QUEUE = 16  # an engine whose task length is not known yet: a modest queue until it is
 
 
 class Task:
@@ -67,7 +68,7 @@ class Task:
 
 
 class _Engine:
-    __slots__ = ("direct", "draining", "ewma", "fixed", "outstanding")
+    __slots__ = ("direct", "draining", "ewma", "fixed", "outstanding", "want")
 
     def __init__(self, fixed: int):
         self.direct: deque[Task] = deque()
@@ -75,6 +76,7 @@ class _Engine:
         self.ewma: float | None = None  # mean task runtime on this engine (seconds)
         self.fixed = fixed
         self.draining = False
+        self.want = 0  # its part of the scheduler's capacity, as last added up
 
     def credit(self) -> int:
         if self.fixed:
@@ -90,7 +92,7 @@ class _Engine:
         """Load-balanced tasks this engine should have outstanding or queued for it."""
         if self.draining:
             return 0
-        queue = MIN_QUEUE if self.ewma is None else int(QUEUE_SECONDS / max(self.ewma, 1e-6))
+        queue = UNMEASURED_QUEUE if self.ewma is None else int(QUEUE_SECONDS / max(self.ewma, 1e-6))
         return self.credit() + max(MIN_QUEUE, min(MAX_QUEUE, queue))
 
 
@@ -102,16 +104,29 @@ class Scheduler:
         self._engines: dict[int, _Engine] = {}
         self._queue: deque[Task] = deque()
         self._in_flight: dict[str, Task] = {}
+        self._direct: set[int] = set()  # engines with direct tasks waiting (assign visits only those, and
+        #                                 every engine only when load-balanced tasks wait: thousands of idle
+        #                                 engines cost nothing per pass)
+        self._capacity = 0  # sum of every engine's ``want``, kept up to date as engines change
+
+    def _rewant(self, eng: _Engine) -> None:
+        new = eng.wanted()
+        self._capacity += new - eng.want
+        eng.want = new
 
     # ------------------------------------------------------------------ engines
     def add_engine(self, engine_id: int) -> None:
-        self._engines.setdefault(engine_id, _Engine(self.prefetch))
+        if engine_id not in self._engines:
+            eng = self._engines[engine_id] = _Engine(self.prefetch)
+            self._rewant(eng)
 
     def remove_engine(self, engine_id: int) -> tuple[list[Task], list[Task]]:
         """Forget an engine. Returns (tasks that were running on it, direct tasks still waiting for it)."""
         eng = self._engines.pop(engine_id, None)
         if eng is None:
             return [], []
+        self._capacity -= eng.want
+        self._direct.discard(engine_id)
         running = list(eng.outstanding.values())
         waiting = list(eng.direct)
         for t in running + waiting:
@@ -138,6 +153,7 @@ class Scheduler:
         eng = self._engines.get(engine_id)
         if eng is not None:
             eng.draining = on
+            self._rewant(eng)
 
     def draining(self, engine_id: int) -> bool:
         eng = self._engines.get(engine_id)
@@ -150,7 +166,7 @@ class Scheduler:
 
     def capacity(self) -> int:
         """How many load-balanced tasks clients should keep outstanding here (see the module docstring)."""
-        return sum(e.wanted() for e in self._engines.values())
+        return self._capacity
 
     # ------------------------------------------------------------------ tasks
     def submit(self, task: Task) -> None:
@@ -160,6 +176,7 @@ class Scheduler:
             self._queue.append(task)
         else:
             self._engines[task.target].direct.append(task)
+            self._direct.add(task.target)
 
     def requeue(self, task: Task) -> None:
         """Put a task that lost its engine back at the front of the shared queue (a retry)."""
@@ -178,20 +195,33 @@ class Scheduler:
     def assign(self, now: float) -> list[tuple[int, list[Task]]]:
         """Decide which queued tasks go to which engine now; marks them assigned."""
         out: list[tuple[int, list[Task]]] = []
-        if not self._engines:
-            return out
         lb = self._queue
-        free_after: dict[int, int] = {}
-        for eid, eng in self._engines.items():
+        if not self._engines or not (lb or self._direct):
+            return out
+        engines = self._engines
+        taken: dict[int, int] = {}  # direct tasks given to each engine in this pass
+        for eid in list(self._direct):
+            eng = engines.get(eid)
+            if eng is None or not eng.direct:
+                self._direct.discard(eid)
+                continue
             free = eng.free()
-            if free > 0 and eng.direct:
+            if free > 0:
                 batch: list[Task] = []
                 while free > 0 and eng.direct:
                     batch.append(eng.direct.popleft())
                     free -= 1
                 out.append((eid, batch))
-            if free > 0 and not eng.draining:
-                free_after[eid] = free
+                taken[eid] = len(batch)
+                if not eng.direct:
+                    self._direct.discard(eid)
+        free_after: dict[int, int] = {}
+        if lb:
+            for eid, eng in engines.items():
+                if not eng.draining:
+                    free = eng.free() - taken.get(eid, 0)
+                    if free > 0:
+                        free_after[eid] = free
         if lb and free_after:
             # Spread evenly: one task at a time, engines with the most free credit first.
             order = sorted(free_after, key=free_after.__getitem__, reverse=True)
@@ -243,6 +273,7 @@ class Scheduler:
             # Only the engine that ran it teaches us its speed (a stale result may come from another).
             if engine_id == task.engine and runtime is not None and runtime >= 0:
                 eng.ewma = runtime if eng.ewma is None else 0.8 * eng.ewma + 0.2 * runtime
+                self._rewant(eng)
         return task
 
     def get(self, task_id: str) -> Task | None:

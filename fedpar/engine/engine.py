@@ -17,6 +17,7 @@ import _thread
 import builtins
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -120,6 +121,7 @@ class Engine:
         """Register with a controller (the one placement picks), trying each known endpoint in turn."""
         deadline = time.monotonic() + timeout
         candidates = endpoints(self.info, "engine")
+        random.shuffle(candidates)  # (engines spread their first hello over the controllers: fewer redirects)
         tried = 0
         endpoint = candidates[0]
         redirected = False

@@ -668,15 +668,15 @@ def test_capacity_follows_engine_speed() -> None:
     s = Scheduler()
     assert s.capacity() == 0
     s.add_engine(0)
-    assert s.capacity() == 2 + 2  # initial credit + the minimum queue
+    assert s.capacity() == 2 + 16  # initial credit + the queue of an engine not measured yet
     s.submit(Task("t", "c", "apply", None, 0, 0, {}, [], 0.0))
     s.assign(0.0)
     s.complete("t", 0, 1e-5)  # very short tasks: full credit, long queue
     assert s.capacity() == 64 + 1024
-    s.submit(Task("u", "c", "apply", None, 0, 0, {}, [], 0.0))
-    s.assign(0.0)
-    for _ in range(50):
-        s._engines[0].ewma = 2.0  # long tasks: one at a time, two queued
+    for i in range(60):  # long tasks: one at a time, two queued
+        s.submit(Task(f"u{i}", "c", "apply", None, 0, 0, {}, [], 0.0))
+        s.assign(0.0)
+        s.complete(f"u{i}", 0, 2.0)
     assert s.capacity() == 1 + 2
     s.drain(0)
     assert s.capacity() == 0
@@ -687,3 +687,17 @@ def test_register_with_a_global_id() -> None:
     assert r.register("u", "h", 1, b"i", 0.0, engine_id=40).engine_id == 40
     assert r.register("v", "h", 2, b"j", 0.0).engine_id == 41  # local ids continue after it
     assert r.holder(40) == "u" and r.holder(7) is None
+
+
+def test_many_idle_engines_cost_nothing_per_pass_and_capacity_stays_exact() -> None:
+    s = Scheduler()
+    for e in range(3000):
+        s.add_engine(e)
+    assert s.assign(0.0) == []  # nothing waits: nothing to walk
+    assert s.capacity() == 3000 * (2 + 16)
+    s.submit(Task("d", "c", "apply", 7, 0, 0, {}, [], 0.0))
+    assert s.assign(0.0) == [(7, [s.get("d")])]
+    s.complete("d", 7, 1e-5)
+    s.drain(8)
+    s.remove_engine(9)
+    assert s.capacity() == sum(e.wanted() for e in s._engines.values())
