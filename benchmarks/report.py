@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from benchmarks.harness import RunConfig
 
 SCHEMA = 1
+PLOTS_PER_ROW = 4  # bar charts per row in a scenario's PNG
 EXTRA_DISTS = ("numpy", "cloudpickle", "pyzmq", "psutil", "matplotlib")
 
 
@@ -120,6 +121,8 @@ def _cell(cell: Mapping[str, Any], key: str) -> str:
     st = cell.get("figures", {}).get(key)
     if st is None:
         status = str(cell.get("status", "not run"))
+        if status == "ok":
+            return "—"  # (measured, but this figure could not be taken: see the details or results.json)
         return "error (see results.json)" if status == "error" else status
     text = fmt(st["median"])
     if st["n"] > 1:
@@ -156,10 +159,12 @@ def render_markdown(doc: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
             lines += [f"| {sy} | {per.get(sy, {}).get('status', 'not run')} |" for sy in systems]
             lines.append("")
             continue
+        # Ratio columns only where a peer measured something (not for fedpar-only scenarios or runs).
+        compared = any(per.get(sy, {}).get("figures") for sy in systems if sy != "fedpar")
         header = ["system"]
         for f in figures:
             better = ">1" if f.higher_is_better else "<1"
-            header += [f"{f.label} {f.arrow}", f"fedpar/peer ({better} = fedpar better)"]
+            header += [f"{f.label} {f.arrow}"] + ([f"fedpar/peer ({better} = fedpar better)"] if compared else [])
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for sy in systems:
@@ -167,12 +172,14 @@ def render_markdown(doc: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
             row = [sy]
             for f in figures:
                 row.append(_cell(cell, f.key))
-                r = doc["ratios"].get(name, {}).get(sy, {}).get(f.key)
-                row.append("—" if sy == "fedpar" else fmt_ratio(r))
+                if compared:
+                    r = doc["ratios"].get(name, {}).get(sy, {}).get(f.key)
+                    row.append("—" if sy == "fedpar" else fmt_ratio(r))
             lines.append("| " + " | ".join(row) + " |")
         notes = _notes(doc, name)
         if notes:
             lines += ["", "Notes: " + "; ".join(notes) + "."]
+        lines += _details(doc, name)
         plot = f"{name}.png"
         if plot in plots:
             lines += ["", f"![{name}]({plot})"]
@@ -206,6 +213,26 @@ def _notes(doc: Mapping[str, Any], scenario: str) -> list[str]:
     return notes
 
 
+def _details(doc: Mapping[str, Any], scenario: str) -> list[str]:
+    """Extra markdown for the scenarios that have it (``benchmarks.federation.DETAILS``), from each successful
+    fedpar sample's extras; nothing for extras of another shape (e.g. an older results.json)."""
+    from benchmarks.federation import DETAILS
+
+    render = DETAILS.get(scenario)
+    if render is None:
+        return []
+    out: list[str] = []
+    for s in doc["samples"]:
+        if s["scenario"] != scenario or s["system"] != "fedpar" or s["status"] != "ok":
+            continue
+        try:
+            body = render(s.get("extra", {}))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            continue
+        out += ["", f"Details, fedpar repeat {s['repeat'] + 1}:", "", *body]
+    return out
+
+
 def _loadavg(value: Any) -> str:
     if not value:
         return "?"
@@ -234,8 +261,13 @@ def write_plots(doc: Mapping[str, Any], out: Path) -> tuple[list[str], str | Non
         per = doc["summary"].get(name, {})
         if not figures or not any(per.get(sy, {}).get("figures") for sy in systems):
             continue
-        fig, axes = plt.subplots(1, len(figures), figsize=(4.2 * len(figures), 3.6), squeeze=False)
-        for ax, f in zip(axes[0], figures, strict=True):
+        cols = min(len(figures), PLOTS_PER_ROW)
+        rows = -(-len(figures) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+        flat = [ax for row in axes for ax in row]
+        for ax in flat[len(figures):]:
+            ax.set_visible(False)
+        for ax, f in zip(flat, figures, strict=False):
             names, med, lo, hi = [], [], [], []
             for sy in systems:
                 st = per.get(sy, {}).get("figures", {}).get(f.key)

@@ -34,6 +34,15 @@ class Sizes:
     memory_result_kb: int = 1
     restart_results: int = 100_000
     batch: int = 10_000  # tasks submitted per batch in the memory and restart scenarios
+    federation_tasks: int = 50_000  # no-op tasks per controller count (1, 2, 4) in ``federation``
+    federation_engines: int = 4  # engines of each of those clusters
+    sim_engines: int = 10_000  # simulated engines in ``engines_10k``
+    sim_per_process: int = 2_500  # simulated engines per simulator process (fewer if the fd limit says so)
+    sim_controllers: int = 4
+    sim_window_s: int = 10  # seconds of heartbeats over which the controllers' CPU is measured
+    sim_heartbeat_ms: int = 0  # the controllers' heartbeat period; 0: fedpar's default ([controller] heartbeat)
+    sim_register_timeout_s: int = 120  # give up waiting for every engine to be seen after this long
+    failover_kills: int = 10
 
     @classmethod
     def full(cls) -> Sizes:
@@ -50,6 +59,13 @@ class Sizes:
             memory_tasks=2_000,
             restart_results=2_000,
             batch=1_000,
+            federation_tasks=1_000,
+            federation_engines=2,
+            sim_engines=400,
+            sim_per_process=200,
+            sim_window_s=3,
+            sim_register_timeout_s=60,
+            failover_kills=3,
         )
 
     def with_overrides(self, overrides: Mapping[str, int]) -> Sizes:
@@ -164,9 +180,65 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             "federation",
-            "Federation",
-            (),
-            lambda z: "Placeholder until fedpar federation exists.",
+            "Federation: one logical controller made of 1, 2 and 4",
+            (
+                *(Figure(f"tasks_per_s_{k}c", f"{k} ctrl: tasks/s", True) for k in (1, 2, 4)),
+                *(Figure(f"ctrl_cpu_us_per_task_{k}c", f"{k} ctrl: ctrl CPU µs/task", False) for k in (1, 2, 4)),
+                *(Figure(f"share_dev_pct_{k}c", f"{k} ctrl: max share deviation %", False) for k in (2, 4)),
+            ),
+            lambda z: (
+                f"fedpar only (the peers have no federation). {z.federation_tasks:,} no-op tasks submitted one by "
+                f"one through the load-balanced view, then all awaited, on a cluster of {z.federation_engines} "
+                "engines and 1, 2 or 4 federated controllers (a fresh cluster each, engines spread evenly first). "
+                "Per controller: the tasks it ran (`done` deltas) against the share its engine count implies (max "
+                "deviation, % of that share) and its CPU-seconds (user+system, psutil) per task it ran; the figure "
+                "weighs the controllers by the tasks they ran (their CPU over their tasks). On a 2-core host "
+                "aggregate throughput cannot grow with controllers (the client and the controllers share the "
+                "cores); a per-controller CPU cost per task that stays flat is what shows that it would, given the "
+                "cores."
+            ),
+        ),
+        Scenario(
+            "engines_10k",
+            "Many engines: simulated engines on 4 controllers",
+            (
+                Figure("register_s", "registration s", False),
+                Figure("engines_registered", "engines seen by the client", True),
+                Figure("ctrl_cpu_pct_sum", "ctrl CPU % of a core, sum", False),
+                Figure("ctrl_cpu_pct_max", "busiest ctrl CPU %", False),
+                Figure("heartbeats_per_s", "heartbeats answered/s", True),
+                Figure("ctrl_cpu_us_per_heartbeat", "ctrl CPU µs/heartbeat", False),
+            ),
+            lambda z: (
+                f"fedpar only. {z.sim_engines:,} simulated engines (`benchmarks/simengines.py`: one DEALER socket "
+                f"each, up to {z.sim_per_process:,} per process) register with {z.sim_controllers} federated "
+                "controllers: seconds from starting the simulators until the client lists them all (goal: 10 s or "
+                "less; not shown if it never happens within the timeout, then 'engines seen' is the most it saw). "
+                f"Then, over {z.sim_window_s} s while every engine heartbeats ("
+                + (f"every {z.sim_heartbeat_ms} ms" if z.sim_heartbeat_ms > 0 else "fedpar's default period, 1 s")
+                + "), the controllers' CPU as percent of one core (summed, and the busiest), the heartbeats answered "
+                "per second and the controllers' CPU per heartbeat. A small map through the load-balanced view "
+                "checks that the simulated engines run tasks."
+            ),
+        ),
+        Scenario(
+            "failover",
+            "Failover: a controller killed",
+            (
+                Figure("rehome_p50_s", "re-homed p50 s", False),
+                Figure("rehome_max_s", "re-homed max s", False),
+                Figure("results_p50_s", "waiting results p50 s", False),
+                Figure("results_max_s", "waiting results max s", False),
+            ),
+            lambda z: (
+                f"fedpar only. 3 federated controllers, 6 engines; {z.failover_kills} times: SIGKILL a controller "
+                "that owns engines (round robin), poll `client.status()` every 0.1 s until every engine it owned is "
+                "listed by a live controller (re-homed), then restart it and wait until it is back (and, before "
+                "the next kill, until the engines are spread evenly again). Also timed from the kill: until the "
+                "results of 12 tasks of 0.5 s submitted just before it all arrived (those of the killed controller "
+                "are adopted or resubmitted). fedpar's defaults: a registration lapses after 3 s ([discovery] ttl), "
+                "takeovers stay open 3 s ([discovery] window)."
+            ),
         ),
     )
 }
@@ -199,6 +271,10 @@ def run_scenario(system: System, scenario: str, sizes: Sizes) -> Measured:
     if scenario in system.unsupported:
         raise NotApplicable(system.unsupported[scenario])
     runner = _RUNNERS.get(scenario)
+    if runner is None:
+        from benchmarks.federation import RUNNERS as federation_runners
+
+        runner = federation_runners.get(scenario)
     if runner is None:
         raise NotApplicable("not available yet")
     return runner(system, sizes)

@@ -6,6 +6,7 @@ reference: the harness puts the repository root on ``PYTHONPATH`` for everything
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -27,3 +28,9 @@ def kilobytes(n: int = 1) -> bytes:
 def echo(x: Any) -> Any:
     """Return the argument: used to recognise a stored result after a restart."""
     return x
+
+
+def sleep_for(seconds: float) -> float:
+    """Sleep, then return the seconds slept: a task that is still running when a controller is killed."""
+    time.sleep(seconds)
+    return seconds

@@ -12,11 +12,14 @@ import abc
 import importlib.metadata
 import importlib.util
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
+
+    from benchmarks.simengines import SimTarget
 
     Array = NDArray[Any]
 else:
@@ -24,6 +27,10 @@ else:
 
 #: Seconds any single blocking wait inside an adapter may take before it is an error.
 WAIT_TIMEOUT = 900.0
+#: The scenarios that need several controllers federated into one (fedpar only: the peers have no federation).
+NO_FEDERATION: dict[str, str] = {
+    name: "n/a (no federation)" for name in ("federation", "engines_10k", "failover")
+}
 
 
 class NotApplicable(Exception):
@@ -38,6 +45,17 @@ class Probe:
     available: bool
     status: str  # "available", "not installed" or "unavailable: <why>"
     versions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    """One live controller of a federation, as a status request saw it."""
+
+    number: int | None  # the controller's number in its cluster (for restarting it); None if unknown
+    pid: int
+    cid: str
+    engines: tuple[int, ...]  # ids of the engines it owns
+    done: int  # tasks finished and recorded by this controller since its store was created
 
 
 def dist_version(dist: str) -> str | None:
@@ -125,3 +143,33 @@ class System(abc.ABC):
     def fetch_result(self, task_id: str) -> Any:
         """Fetch a stored result by task id."""
         raise NotApplicable(f"{self.name} has no restartable result store")
+
+    # -- federation (fedpar only by default) -----------------------------------------------------
+    def start_federation(self, controllers: int, engines: int, heartbeat: float | None = None) -> None:
+        """(Re)start as ``controllers`` federated controllers with ``engines`` engines (``heartbeat``: the
+        controllers' heartbeat period in seconds, None for the default); connect; wait for the engines."""
+        raise NotApplicable(f"{self.name} has no federation")
+
+    def federation_status(self, timeout: float = 10.0) -> list[ControllerState]:
+        """The live controllers (those that answered within ``timeout``), with the engines each owns."""
+        raise NotApplicable(f"{self.name} has no federation")
+
+    def engine_count(self) -> int:
+        """How many engines the client sees registered now."""
+        raise NotApplicable(f"{self.name} has no federation")
+
+    def sim_target(self) -> SimTarget:
+        """What simulated engines (``benchmarks.simengines``) need to join the running cluster."""
+        raise NotApplicable(f"{self.name} has no engine protocol to simulate")
+
+    def kill_controller(self, number: int) -> int:
+        """SIGKILL controller ``number``; returns the pid killed."""
+        raise NotApplicable(f"{self.name} has no federation")
+
+    def restart_controller_number(self, number: int) -> int:
+        """Start controller ``number`` again on its state directory; returns its new pid."""
+        raise NotApplicable(f"{self.name} has no federation")
+
+    def submit_sleeps(self, n: int, seconds: float) -> list[Future[Any]]:
+        """Submit ``n`` load-balanced tasks sleeping ``seconds`` each; their futures (not awaited)."""
+        raise NotApplicable(f"{self.name} has no federation")

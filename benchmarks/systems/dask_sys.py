@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from benchmarks import workloads
 from benchmarks.procs import with_descendants
-from benchmarks.systems.base import WAIT_TIMEOUT, Array, System
+from benchmarks.systems.base import NO_FEDERATION, WAIT_TIMEOUT, Array, System
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class DaskSystem(System):
     name: ClassVar[str] = "dask"
     module: ClassVar[str] = "distributed"
     dists: ClassVar[tuple[str, ...]] = ("distributed", "dask")
-    unsupported: ClassVar[dict[str, str]] = {"restart": "n/a", "federation": "n/a"}
+    unsupported: ClassVar[dict[str, str]] = {"restart": "n/a", **NO_FEDERATION}
 
     _cluster: Any = None
     _client: Any = None

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from benchmarks import workloads
 from benchmarks.procs import descendants
-from benchmarks.systems.base import Array, System
+from benchmarks.systems.base import NO_FEDERATION, Array, System
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class RaySystem(System):
     name: ClassVar[str] = "ray"
     module: ClassVar[str] = "ray"
     dists: ClassVar[tuple[str, ...]] = ("ray",)
-    unsupported: ClassVar[dict[str, str]] = {"restart": "n/a", "federation": "n/a"}
+    unsupported: ClassVar[dict[str, str]] = {"restart": "n/a", **NO_FEDERATION}
 
     _ray: Any = None
     _noop: Any = None

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,12 +20,12 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package: import it from the repo
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import cli, harness, report, scenarios  # noqa: E402
+from benchmarks import cli, federation, harness, report, scenarios, simengines  # noqa: E402
 from benchmarks.harness import RunConfig, Sample  # noqa: E402
 from benchmarks.memory import parse_status  # noqa: E402
 from benchmarks.scenarios import SCENARIOS, Sizes, batches, percentile  # noqa: E402
-from benchmarks.systems import Probe, System  # noqa: E402
-from benchmarks.systems.base import Array  # noqa: E402
+from benchmarks.systems import NotApplicable, Probe, System  # noqa: E402
+from benchmarks.systems.base import NO_FEDERATION, Array, ControllerState  # noqa: E402
 
 # -- helpers -------------------------------------------------------------------------------------
 
@@ -125,7 +126,10 @@ def test_skip_reason() -> None:
     assert harness.skip_reason(p["dask"], "latency") is None
     assert harness.skip_reason(p["dask"], "restart") == "n/a"
     assert harness.skip_reason(p["fedpar"], "restart") is None
-    assert harness.skip_reason(p["fedpar"], "federation") == "not available yet"
+    for name in ("federation", "engines_10k", "failover"):  # fedpar only: the peers have no federation
+        assert harness.skip_reason(p["fedpar"], name) is None
+        assert harness.skip_reason(p["dask"], name) == "n/a (no federation)"
+        assert harness.skip_reason(p["ipyparallel"], name) == "n/a (no federation)"
 
 
 # -- summary, ratios, status ---------------------------------------------------------------------
@@ -178,12 +182,12 @@ def test_markdown_table_from_fake_samples() -> None:
         sample("throughput_apply", "dask", 0, tasks_per_s=1000.0),
         harness.skipped_sample("latency", 0, "ray", "not installed"),
         harness.skipped_sample("throughput_apply", 0, "ray", "not installed"),
-        harness.skipped_sample("federation", 0, "fedpar", "not available yet"),
-        harness.skipped_sample("federation", 0, "dask", "n/a"),
+        harness.skipped_sample("restart", 0, "fedpar", "not available yet"),
+        harness.skipped_sample("restart", 0, "dask", "n/a"),
     ]
     doc = fake_doc(
         samples,
-        ["throughput_apply", "latency", "federation"],
+        ["throughput_apply", "latency", "restart"],
         ["dask", "ray"],
         ray=Probe("ray", False, "not installed"),
     )
@@ -200,7 +204,10 @@ def test_markdown_table_from_fake_samples() -> None:
     assert "(>1 = fedpar better)" in tp_header
     assert "| fedpar | 2,000 | — |" in lines  # a single repeat shows no range
     assert "| dask | 1,000 | 2.00 |" in lines
+    # No peer measured anything: no ratio columns, the statuses show instead of figures.
+    assert "| system | restart s ↓ |" in lines
     assert "| fedpar | not available yet |" in lines
+    assert "| dask | n/a |" in lines
     assert "![latency](latency.png)" in lines
     assert "![throughput_apply](throughput_apply.png)" not in lines
     assert "higher is better" in md and "lower is better" in md
@@ -293,6 +300,7 @@ def test_cli_parsing() -> None:
         cli.parse_peers("spark")
     assert cli.parse_scenarios(None) == list(SCENARIOS)
     assert cli.parse_scenarios(["latency", "throughput_apply,latency"]) == ["throughput_apply", "latency"]
+    assert cli.parse_scenarios(["failover,federation", "engines_10k"]) == ["federation", "engines_10k", "failover"]
     with pytest.raises(Exception, match="unknown scenario"):
         cli.parse_scenarios(["nope"])
     assert cli.parse_sizes(["apply_tasks=1_000", "batch=5"]) == {"apply_tasks": 1000, "batch": 5}
@@ -305,6 +313,10 @@ def test_sizes() -> None:
     assert full.apply_tasks == 10_000 and full.map_elements == 100_000
     assert full.latency_round_trips == 1_000 and full.payload_bytes == 100_000_000
     assert full.memory_tasks == 100_000 and full.restart_results == 100_000
+    assert (full.sim_engines, full.sim_controllers, full.sim_window_s) == (10_000, 4, 10)
+    assert (quick.sim_engines, quick.failover_kills, full.failover_kills) == (400, 3, 10)
+    assert (quick.federation_engines, full.federation_engines) == (2, 4)
+    assert quick.with_overrides({"sim_engines": 2_500}).sim_engines == 2_500
     assert quick.apply_tasks < full.apply_tasks and quick.payload_bytes < full.payload_bytes
     assert quick.with_overrides({"apply_tasks": 7}).apply_tasks == 7
     with pytest.raises(ValueError, match="unknown size"):
@@ -368,7 +380,7 @@ class FakeSystem(System):
 
 class FakePeer(FakeSystem):
     name: ClassVar[str] = "dask"
-    unsupported: ClassVar[dict[str, str]] = {"restart": "n/a", "federation": "n/a"}
+    unsupported: ClassVar[dict[str, str]] = {"restart": "n/a", **NO_FEDERATION}
 
 
 class BrokenPeer(FakeSystem):
@@ -431,3 +443,251 @@ def test_run_in_process_with_fake_systems(tmp_path: Path, fake_systems: list[str
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["summary"] == results["summary"]
     assert any("boom" in line for line in printed)
+
+
+# -- federation scenarios: pure parts, and the runners on fake federations (no process is started) -----
+
+
+def test_even_split_and_balance() -> None:
+    assert federation.even_split(6, 3) == [2, 2, 2]
+    assert federation.even_split(2, 4) == [1, 1, 0, 0]
+    assert federation.even_split(10_000, 4) == [2_500] * 4
+    assert federation.even_split(7, 0) == []
+    assert federation.is_balanced([2, 2, 2], 6)
+    assert federation.is_balanced([0, 1, 1, 0], 2)
+    assert not federation.is_balanced([3, 1, 2], 6)
+    assert not federation.is_balanced([2, 2, 1], 6)  # an engine is missing
+
+
+def test_share_deviation() -> None:
+    assert federation.expected_shares([1, 1], 1000) == [500.0, 500.0]
+    assert federation.expected_shares([3, 1], 400) == [300.0, 100.0]
+    assert federation.expected_shares([0, 0], 10) == [0.0, 0.0]
+    assert federation.share_deviation([500, 500], [1, 1]) == 0.0
+    assert federation.share_deviation([339, 661], [1, 1]) == pytest.approx(0.322)
+    assert federation.share_deviation([300, 100], [3, 1]) == 0.0  # shares follow the engine counts
+    assert federation.share_deviation([200, 200], [3, 1]) == pytest.approx(1.0)  # 200 vs 100 expected
+    # A controller without engines should run nothing; what it ran counts against the average share.
+    assert federation.share_deviation([32, 968, 0, 0], [1, 1, 0, 0]) == pytest.approx(0.936)
+    assert federation.share_deviation([400, 400, 200, 0], [1, 1, 0, 0]) == pytest.approx(0.4)
+    assert federation.share_deviation([0, 0], [1, 1]) == 0.0
+    with pytest.raises(ValueError):
+        federation.share_deviation([1], [1, 1])
+
+
+def test_cpu_figures() -> None:
+    assert federation.per_task_us(0.5, 10_000) == pytest.approx(50.0)
+    assert federation.per_task_us(0.5, 0) is None
+    # Weighted by tasks: (0.04 + 0.0) / (968 + 32) tasks, not the mean of 41 and 0 us.
+    assert federation.weighted_per_task_us([0.04, 0.0], [968, 32]) == pytest.approx(40.0)
+    assert federation.weighted_per_task_us([], []) is None
+    assert federation.cpu_percent(2.5, 10.0) == pytest.approx(25.0)
+    assert federation.cpu_percent(1.0, 0.0) == 0.0
+
+
+def state(number: int | None, pid: int, engines: tuple[int, ...], done: int = 0) -> ControllerState:
+    return ControllerState(number, pid, f"c{number}", engines, done)
+
+
+def test_pick_victim_and_rehomed() -> None:
+    states = [state(0, 10, (0, 1)), state(1, 11, ()), state(2, 12, (2, 3))]
+    assert federation.pick_victim(states, 0) == states[0]
+    assert federation.pick_victim(states, 1) == states[2]  # number 1 owns nothing: the next one
+    assert federation.pick_victim(states, 2) == states[2]
+    assert federation.pick_victim(states, 3) == states[0]  # round robin
+    assert federation.pick_victim([state(0, 10, ()), state(None, 11, (1,))], 0) is None
+    after = [state(1, 11, (0,)), state(2, 12, (1, 2, 3))]
+    assert federation.rehomed((0, 1), after, dead_pid=10)
+    assert not federation.rehomed((0, 1), [state(1, 11, (0,)), state(2, 12, (2, 3))], dead_pid=10)
+    assert not federation.rehomed((0, 1), [state(0, 10, (0, 1))], dead_pid=10)  # the dead one does not count
+
+
+def test_milestones() -> None:
+    progress = [(0.1, 0), (0.5, 30), (1.0, 60), (2.0, 100)]
+    assert federation.milestones(progress, 100) == {"25%": 0.5, "50%": 1.0, "75%": 2.0, "100%": 2.0}
+    assert federation.milestones([(0.1, 10)], 100)["100%"] is None
+
+
+def test_simengine_planning() -> None:
+    assert simengines.plan_processes(10_000, 2_500, 20_000) == [2_500] * 4
+    assert simengines.plan_processes(400, 200, 20_000) == [200, 200]
+    assert simengines.plan_processes(401, 200, 20_000) == [134, 134, 133]
+    # A low descriptor limit splits over more processes: (1024 - 256) // 2 = 384 engines each at most.
+    plan = simengines.plan_processes(10_000, 2_500, 1024)
+    assert max(plan) <= 384 and sum(plan) == 10_000
+    assert simengines.plan_processes(0, 100, 20_000) == []
+    with pytest.raises(ValueError):
+        simengines.plan_processes(10, 10, 100)
+
+
+def test_heartbeat_schedule() -> None:
+    assert simengines.heartbeats_due(0.5, 1.0, 1000, 0) == 500  # spread evenly over the period
+    assert simengines.heartbeats_due(0.5, 1.0, 1000, 450) == 50
+    assert simengines.heartbeats_due(0.5, 1.0, 1000, 600) == 0
+    assert simengines.heartbeats_due(3.0, 1.0, 100, 0) == 300  # (the caller caps a stall at one per engine)
+    assert simengines.heartbeats_due(1.0, 0.0, 100, 0) == 0
+
+
+def test_latency_histogram() -> None:
+    edges = simengines.LATENCY_EDGES_MS
+    assert simengines.bucket_of(0.3) == 0
+    assert simengines.bucket_of(1.0) == 0
+    assert simengines.bucket_of(1.5) == 1
+    assert simengines.bucket_of(99_999) == len(edges)
+    counts = [0] * (len(edges) + 1)
+    for ms in [0.5] * 90 + [15.0] * 9 + [7_000.0]:
+        counts[simengines.bucket_of(ms)] += 1
+    assert simengines.bucket_percentile(counts, 50) == 1.0
+    assert simengines.bucket_percentile(counts, 95) == 20.0
+    assert simengines.bucket_percentile(counts, 100) == float("inf")
+    assert simengines.bucket_percentile([0] * len(counts), 50) is None
+
+
+def test_sim_status_sums_and_diffs() -> None:
+    a = {"registered": 2, "fds": 10, "counters": {"heartbeat_acks": 5, "latency_ms": [1, 2], "errors": ["x"]}}
+    b = {"registered": 3, "fds": -1, "counters": {"heartbeat_acks": 7, "latency_ms": [0, 1, 4]}}
+    total = simengines.sum_statuses([a, b, {}])
+    assert total == {"registered": 5, "fds": 10, "heartbeat_acks": 12, "latency_ms": [1, 3, 4]}
+    later = dict(total, heartbeat_acks=20, latency_ms=[2, 3, 9])
+    assert simengines.diff_counters(total, later) == {
+        "registered": 0, "fds": 0, "heartbeat_acks": 8, "latency_ms": [1, 0, 5]}
+
+
+def test_sim_rate_uses_each_process_clock() -> None:
+    def st(written: float, acks: int) -> dict[str, Any]:
+        return {"written": written, "counters": {"heartbeat_acks": acks}}
+
+    a = [st(100.0, 0), st(100.4, 10)]
+    b = [st(110.0, 25_000), st(110.4, 5_010)]
+    assert simengines.rate(a, b, "heartbeat_acks") == pytest.approx(2_500 + 500)
+    assert simengines.rate(a, a, "heartbeat_acks") is None  # nobody wrote again
+    assert simengines.rate([{}], [{}], "heartbeat_acks") is None
+
+
+class FakeFederation(FakeSystem):
+    """Controllers as data: tasks follow the engines, an engine of a killed controller re-homes after two
+    polls, a restarted controller gets a new pid."""
+
+    unsupported: ClassVar[dict[str, str]] = {}
+    polls_to_rehome: ClassVar[int] = 2
+
+    def start_federation(self, controllers: int, engines: int, heartbeat: float | None = None) -> None:
+        self.calls.append(f"federation {controllers} {engines}")
+        split = federation.even_split(engines, controllers)
+        ids = iter(range(engines))
+        self.ctrls = {i: state(i, 100 + i, tuple(next(ids) for _ in range(split[i]))) for i in range(controllers)}
+        self.dead: ControllerState | None = None
+        self.polls = 0
+        self.pending: list[Future[Any]] = []
+        self.next_pid = 200
+
+    def federation_status(self, timeout: float = 10.0) -> list[ControllerState]:
+        if self.dead is not None:
+            self.polls += 1
+            if self.polls >= self.polls_to_rehome:  # the survivors take its engines
+                heir = min(self.ctrls)
+                old = self.ctrls[heir]
+                self.ctrls[heir] = state(heir, old.pid, old.engines + self.dead.engines, old.done)
+                self.dead = None
+        return list(self.ctrls.values())
+
+    def apply_burst(self, n: int) -> None:
+        owners = [c for c in self.ctrls.values() if c.engines]
+        total = sum(len(c.engines) for c in owners)
+        for c in owners:
+            self.ctrls[c.number or 0] = state(c.number, c.pid, c.engines, c.done + n * len(c.engines) // total)
+
+    def kill_controller(self, number: int) -> int:
+        self.dead = self.ctrls.pop(number)
+        self.polls = 0
+        for f in self.pending:
+            f.set_result(0.5)
+        return self.dead.pid
+
+    def restart_controller_number(self, number: int) -> int:
+        self.next_pid += 1
+        self.ctrls[number] = state(number, self.next_pid, ())
+        engines = sorted(e for c in self.ctrls.values() for e in c.engines)  # placement spreads them again
+        for i, c in sorted(self.ctrls.items()):
+            self.ctrls[i] = state(i, c.pid, tuple(engines[i::len(self.ctrls)]), c.done)
+        return self.next_pid
+
+    def submit_sleeps(self, n: int, seconds: float) -> list[Future[Any]]:
+        self.pending = [Future() for _ in range(n)]
+        return list(self.pending)
+
+
+@pytest.fixture
+def fast_federation(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    ticks = iter(range(1, 1_000_000))
+    monkeypatch.setattr(federation, "cpu_seconds", lambda pids: {p: next(ticks) * 0.01 for p in pids})
+    monkeypatch.setattr(federation, "STABLE_S", 0.0)
+    monkeypatch.setattr(federation, "BALANCE_POLL_S", 0.0)
+    monkeypatch.setattr(federation, "POLL_S", 0.0)
+    monkeypatch.setattr(federation, "DISPATCH_S", 0.0)
+    monkeypatch.setattr(federation, "BALANCE_TIMEOUT_S", 2.0)
+    FakeSystem.calls.clear()
+    yield
+
+
+def test_federation_runner_on_a_fake(fast_federation: None) -> None:
+    sizes = Sizes.quick().with_overrides({"federation_tasks": 1000, "federation_engines": 4})
+    figures, extra = scenarios.run_scenario(FakeFederation(), "federation", sizes)
+    assert [c for c in FakeSystem.calls if c.startswith("federation")] == [
+        "federation 1 4", "federation 2 4", "federation 4 4"]
+    assert {f.key for f in SCENARIOS["federation"].figures} == set(figures)
+    assert figures["share_dev_pct_2c"] == 0.0 and figures["share_dev_pct_4c"] == 0.0
+    assert all(figures[f"tasks_per_s_{k}c"] > 0 and figures[f"ctrl_cpu_us_per_task_{k}c"] > 0 for k in (1, 2, 4))
+    run4 = extra["runs"]["4"]
+    assert run4["balanced"] and run4["tasks_counted"] == 1000
+    assert [r["tasks"] for r in run4["per_controller"]] == [250] * 4
+    assert [r["expected_tasks"] for r in run4["per_controller"]] == [250.0] * 4
+    md = federation.details_federation(extra)
+    assert "| 4 | 3 | 1 | 250 | 250 |" in "\n".join(md)
+
+
+def test_failover_runner_on_a_fake(fast_federation: None) -> None:
+    figures, extra = scenarios.run_scenario(FakeFederation(), "failover", Sizes.quick())
+    assert set(figures) == {"rehome_p50_s", "rehome_max_s", "results_p50_s", "results_max_s"}
+    kills = extra["kills"]
+    assert len(kills) == Sizes.quick().failover_kills
+    assert [k["controller"] for k in kills] == [0, 1, 2]  # round robin over the controllers owning engines
+    assert all(k["rehome_s"] is not None and k["polls"] == 2 for k in kills)
+    assert all(k["tasks"] == 12 and k["tasks_failed"] == 0 for k in kills)
+    assert extra["not_rehomed"] == 0
+    assert figures["rehome_max_s"] >= figures["rehome_p50_s"] >= 0
+    md = "\n".join(federation.details_failover(extra))
+    assert md.startswith("| kill | controller |") and "| 3 | 2 |" in md
+
+
+def test_federation_scenarios_are_fedpar_only(fast_federation: None) -> None:
+    for name in ("federation", "engines_10k", "failover"):
+        with pytest.raises(NotApplicable, match="no federation"):
+            scenarios.run_scenario(FakePeer(), name, Sizes.quick())
+    with pytest.raises(NotApplicable):  # a system that does not implement the federation methods
+        scenarios.run_scenario(FakeSystem(), "failover", Sizes.quick())
+
+
+def test_markdown_details_of_federation_scenarios(fast_federation: None) -> None:
+    figures, extra = scenarios.run_scenario(FakeFederation(), "failover", Sizes.quick())
+    ok = sample("failover", "fedpar", 0)
+    ok.update(figures=figures, extra=extra)
+    broken = sample("failover", "fedpar", 1)  # extras of another shape are skipped, not fatal
+    broken["figures"] = figures
+    doc = fake_doc([ok, broken, harness.skipped_sample("failover", 0, "dask", "n/a (no federation)")],
+                   ["failover"], ["dask"])
+    lines = report.render_markdown(doc).splitlines()
+    assert "| system | re-homed p50 s ↓ | re-homed max s ↓ | waiting results p50 s ↓ | waiting results max s ↓ |" \
+        in lines  # fedpar only: no ratio columns
+    assert "| dask | n/a (no federation) | n/a (no federation) | n/a (no federation) | n/a (no federation) |" in lines
+    assert "Details, fedpar repeat 1:" in lines and "Details, fedpar repeat 2:" not in lines
+    assert any(line.startswith("| 1 | 0 | 0, 1 |") for line in lines)
+
+
+def test_engines_10k_figures_declared() -> None:
+    keys = [f.key for f in SCENARIOS["engines_10k"].figures]
+    assert keys == ["register_s", "engines_registered", "ctrl_cpu_pct_sum", "ctrl_cpu_pct_max", "heartbeats_per_s",
+                    "ctrl_cpu_us_per_heartbeat"]
+    text = SCENARIOS["engines_10k"].describe(Sizes.full())
+    assert "10,000 simulated engines" in text and "1 s" in text
+    assert "every 250 ms" in SCENARIOS["engines_10k"].describe(Sizes.full().with_overrides({"sim_heartbeat_ms": 250}))
