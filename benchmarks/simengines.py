@@ -209,7 +209,7 @@ class Simulator:
     """Many simulated engines in one process (see the module docstring)."""
 
     def __init__(self, key: bytes, endpoints: Sequence[str], count: int, *, first: int = 0, heartbeat: float = 1.0,
-                 window: int = 200, verify: bool = False, status_path: Path | None = None,
+                 window: int = 1000, verify: bool = False, status_path: Path | None = None,
                  parent_pid: int | None = None) -> None:
         import zmq
 
@@ -525,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--endpoints", required=True, help="comma-separated engine endpoints of the controllers")
     parser.add_argument("--first", type=int, default=0, help="index of the first engine (spreads first contacts)")
     parser.add_argument("--heartbeat", type=float, default=1.0, help="seconds between an engine's heartbeats")
-    parser.add_argument("--window", type=int, default=200, help="registrations in flight at most")
+    parser.add_argument("--window", type=int, default=1000, help="registrations in flight at most")
     parser.add_argument("--status", type=Path, default=None, help="JSON status file, rewritten about twice a second")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     parser.add_argument("--verify", action="store_true", help="check the MAC of every message received")
@@ -561,7 +561,7 @@ class SimTarget:
 class SimFleet:
     """Simulator processes for ``count`` engines, started and stopped by pid (use as a context manager)."""
 
-    def __init__(self, target: SimTarget, count: int, per_process: int, *, window: int = 200,
+    def __init__(self, target: SimTarget, count: int, per_process: int, *, window: int = 1000,
                  verify: bool = False) -> None:
         self.target = target
         self.count = count
