@@ -88,7 +88,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
     else:
         info = read_connection_file(_conn_path(args, cfg), cfg)
     return run_engine(info, controller_timeout=cfg.engines.controller_timeout,
-                      replay_window=cfg.security.replay_window)
+                      replay_window=cfg.security.replay_window, index=args.index)
 
 
 def cmd_cluster_start(args: argparse.Namespace) -> int:
@@ -243,6 +243,8 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("engine", help="run an engine in the foreground")
     common(e)
     federated(e)
+    e.add_argument("--index", type=int, help="this engine's number in its launch: with several controllers, "
+                   "engine i registers first with controller i mod k, so a launch starts balanced")
     e.set_defaults(func=cmd_engine)
 
     cl = sub.add_parser("cluster", help="start, stop or inspect a background cluster")

@@ -74,6 +74,7 @@ class Control:
         self.last_hello = 0.0
         self.pending: tuple[str, str] | None = None  # a move in progress: (cid, endpoint) awaiting its welcome
         self.failing_over = False  # the move in progress is a failover (it brings recent results too)
+        self._pending_hello: tuple[list[str], list[Any]] = ([], [])  # (running, origin) of the move in progress
         self._probes = 0
 
     def run(self) -> None:
@@ -102,7 +103,7 @@ class Control:
                         self._welcomed(msg, rx.envelope.epoch)
                     elif isinstance(msg, EngineMove):
                         log.info("engine %d moves to controller %s (%s)", e.engine_id, msg.controller, msg.reason)
-                        self._move(msg.controller, msg.endpoint, sorted(e.holding_now()), redirected=True)
+                        self._move(msg.controller, msg.endpoint, with_recent=msg.handover)
                     elif isinstance(msg, Membership):
                         self._learn(msg.view)
                     elif isinstance(msg, EngineStop):
@@ -138,9 +139,9 @@ class Control:
     def _welcomed(self, msg: EngineWelcome, epoch: int) -> None:
         e = self.e
         self.last_ack = time.monotonic()
-        if msg.move_to:  # placement says another controller (or our old one came back): go there
+        if msg.move_to:  # our old controller came back: go there
             cid, endpoint = msg.move_to[0], msg.move_to[1]
-            self._move(cid, endpoint, sorted(e.holding_now()) if self.pending else [], redirected=True)
+            self._move(cid, endpoint, with_recent=self.failing_over)
             return
         e.welcomed(msg, epoch)
         self.home = Home(self.pending[0] if self.pending else self.home.cid, epoch,
@@ -160,17 +161,19 @@ class Control:
             log.warning("ignored a malformed membership view: %s", exc)
 
     # ------------------------------------------------------------------ moving
-    def _move(self, cid: str, endpoint: str, running: list[str], *, redirected: bool) -> None:
-        """Register with controller ``cid`` at ``endpoint``, bringing ``running`` (tasks held from our home)."""
+    def _move(self, cid: str, endpoint: str, *, with_recent: bool) -> None:
+        """Register with controller ``cid`` at ``endpoint``, bringing the tasks held from our home (and,
+        ``with_recent``, the results sent to it lately: after a failover or a handover they may not have
+        been stored). The list is taken when the main thread's generation rises (``Engine.switch``)."""
         e = self.e
         origin = [self.home.cid, self.home.epoch]
-        if endpoint != self.home.endpoint or self.pending is not None:
-            e.switch(endpoint)  # the main thread takes a new task socket; old batches are dropped
-            self.sock.close(0)
-            self.sock = connect_dealer(e.ctx, endpoint, f"c:{e.uuid}".encode())
+        running = e.switch(endpoint, with_recent=with_recent)  # the main thread takes a new task socket
+        self.sock.close(0)
+        self.sock = connect_dealer(e.ctx, endpoint, f"c:{e.uuid}".encode())
         self.pending = (cid, endpoint)
+        self._pending_hello = (running, origin)
         self.last_ack = time.monotonic()  # (give the new controller a fair chance before suspecting it)
-        self._hello(running, origin, redirected)
+        self._hello(running, origin, True)
 
     def _probe_pending(self) -> None:
         """The controller we are moving to has not welcomed us: if the registry says it is gone (or it
@@ -187,16 +190,16 @@ class Control:
         if view is None:
             return
         e.view = view
-        if view.entry(target) is not None:
-            return  # still registered: slow, or paused; if it lapses we go elsewhere
+        if view.entry(target) is not None:  # still registered: slow or paused (our hello may be lost: again)
+            self._hello(*self._pending_hello, True)
+            return
         home = view.place(e.engine_id)
         entry = view.entry(home) if home is not None else None
         if entry is None:
             return
         log.warning("engine %d: controller %s, where it was moving, is gone; moving to controller %s instead",
                     e.engine_id, target, entry.cid)
-        held = sorted(e.holding_now() | e.recent_ids()) if self.failing_over else sorted(e.holding_now())
-        self._move(entry.cid, entry.engine_endpoint, held, redirected=True)
+        self._move(entry.cid, entry.engine_endpoint, with_recent=self.failing_over)
 
     def _probe(self) -> None:
         """Our controller is silent: ask the others of our view whether it is still registered."""
@@ -214,20 +217,19 @@ class Control:
         now_home = view.entry(home.cid)
         if now_home is not None and now_home.epoch == home.epoch:
             return  # still registered: slow or cut off from us; the registry decides, not our socket
-        held = sorted(e.holding_now() | e.recent_ids())
-        if now_home is not None:  # restarted: go back to it (its recovery waits for what we hold)
-            log.warning("engine %d: controller %s restarted (epoch %d); registering again with %d task(s)",
-                        e.engine_id, home.cid, now_home.epoch, len(held))
-            self._move(home.cid, now_home.engine_endpoint, held, redirected=True)
+        self.failing_over = True
+        if now_home is not None and view.takeover(home.cid, home.epoch) is None:
+            # Restarted, and nobody took its old incarnation over: its recovery waits for what we hold.
+            log.warning("engine %d: controller %s restarted (epoch %d); registering again", e.engine_id, home.cid,
+                        now_home.epoch)
+            self._move(home.cid, now_home.engine_endpoint, with_recent=True)
             return
         target = view.place(e.engine_id)
         entry = view.entry(target) if target is not None else None
         if entry is None:
             return
-        log.warning("engine %d: controller %s is gone; moving to controller %s with %d task(s)", e.engine_id,
-                    home.cid, entry.cid, len(held))
-        self.failing_over = True
-        self._move(entry.cid, entry.engine_endpoint, held, redirected=True)
+        log.warning("engine %d: controller %s is gone; moving to controller %s", e.engine_id, home.cid, entry.cid)
+        self._move(entry.cid, entry.engine_endpoint, with_recent=True)
 
 
 def _ask_view(ctx: zmq.Context[Any], codec: Codec, endpoint: str, identity: bytes) -> View | None:

@@ -66,8 +66,10 @@ class Engine:
 
     _sock: zmq.Socket[Any]
 
-    def __init__(self, info: ConnectionInfo, *, controller_timeout: float = 30.0, replay_window: float = 300.0):
+    def __init__(self, info: ConnectionInfo, *, controller_timeout: float = 30.0, replay_window: float = 300.0,
+                 index: int | None = None):
         self.info = info
+        self.index = index  # this engine's number in its launch: first contact round-robin (None: at random)
         self.controller_timeout = controller_timeout
         self.replay_window = replay_window
         self.uuid = uuidlib.uuid4().hex
@@ -91,6 +93,8 @@ class Engine:
         # and while the control thread raises either: a batch is listed in the next registration or never run.
         self._epoch_lock = threading.Lock()
         self.current = ""  # id of the task being executed (read by the heartbeat)
+        self.moving = False  # registering with a new controller: results wait until it welcomes us
+        self._deferred: list[tuple[list[ResultSpec], list[Any]]] = []  # results held back while moving
         self.view = View()  # the federation, as our controller last told us
         self._links = EngineLinks(self.ctx, f"d:{self.uuid}".encode())  # direct streams (fedpar.wire.direct)
         self.streams = StreamIO(self._links, self.stop_event.is_set, self._holding.discard, self._send_results)
@@ -121,7 +125,11 @@ class Engine:
         """Register with a controller (the one placement picks), trying each known endpoint in turn."""
         deadline = time.monotonic() + timeout
         candidates = endpoints(self.info, "engine")
-        random.shuffle(candidates)  # (engines spread their first hello over the controllers: fewer redirects)
+        if self.index is None:  # (engines spread their first hello over the controllers: placement moves fewer)
+            random.shuffle(candidates)
+        else:
+            k = self.index % len(candidates)
+            candidates = candidates[k:] + candidates[:k]
         tried = 0
         endpoint = candidates[0]
         redirected = False
@@ -169,6 +177,10 @@ class Engine:
         while not self.stop_event.is_set():
             if self._swap is not None:  # moved to another controller: continue on the new socket
                 self._take_swap()
+            if self._deferred and not self.moving:
+                deferred, self._deferred = self._deferred, []
+                for held_results, held_frames in deferred:
+                    self._send_results(self._sock, codec, held_results, held_frames)
             sock, gen = self._sock, self._sock_gen
             if self._resend:
                 self._resend_results(sock, codec)
@@ -222,6 +234,7 @@ class Engine:
                         self._send_results(sock, codec, results, frames)
                         results, frames = [], []
                     direct = self._links.socket_for(spec.spec) if spec.op == "pull" else None
+                    self._await_welcome()
                     self.streams.stream_result(self._take_swap(), codec, res, rframes, direct)
                     continue
                 results.append(res)
@@ -243,11 +256,21 @@ class Engine:
                 self.streams.backlog.clear()
         return self._sock
 
+    def _await_welcome(self) -> None:
+        """While moving, wait for the new controller's welcome (a large result streamed to a controller that
+        does not know its task yet would be refused as a duplicate)."""
+        deadline = time.monotonic() + self.controller_timeout
+        while self.moving and not self.stop_event.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def _forget(self, task_id: str) -> None:
         self._dropped.discard(task_id)
         self._holding.discard(task_id)
 
     def _send_results(self, sock: zmq.Socket[Any], codec: Codec, results: list[ResultSpec], frames: list[Any]) -> None:
+        if self.moving:  # a controller that has not welcomed us would drop them as unknown: later
+            self._deferred.append((results, frames))
+            return
         if self._swap is not None and sock is self._sock:  # (moving: results go to the new controller)
             sock = self._take_swap()
         if self._dropped:  # (results of tasks a new controller did not adopt: nobody may count them)
@@ -278,14 +301,23 @@ class Engine:
             self._recent_bytes -= sum(len(f) for f in fr)
 
     def _resend_results(self, sock: zmq.Socket[Any], codec: Codec) -> None:
-        """Send again the results a (new or restarted) controller asked for (those still remembered)."""
+        """Send again the results a (new or restarted) controller asked for. One this engine no longer holds
+        nor remembers (sent as a stream, or pushed out of the recent window) is reported unavailable, so the
+        controller does not wait for it for ever."""
         again: list[ResultSpec] = []
         frames: list[Any] = []
         while self._resend:
-            got = self._recent.get(self._resend.popleft())
+            tid = self._resend.popleft()
+            got = self._recent.get(tid)
             if got is not None:
                 again.append(got[0])
                 frames.extend(got[1])
+            elif tid not in self._holding:
+                now = time.time()
+                again.append(ResultSpec(tid, False, self.engine_id, None, now, [
+                    "fedpar.ResultUnavailable", f"engine {self.engine_id} sent the result of task {tid} to a "
+                    "controller that died, and no longer has it: it comes back if that controller's state directory "
+                    "runs again", ""], 0))
         if again:
             send_parts(sock, codec.encode(Results(again), frames)[0])
 
@@ -303,22 +335,37 @@ class Engine:
         with self._epoch_lock:
             self._epoch = max(self._epoch, epoch)
 
-    def switch(self, endpoint: str) -> None:
-        """Move: a new task socket to ``endpoint`` for the main thread; batches of the old one are dropped."""
+    def switch(self, endpoint: str, *, with_recent: bool) -> list[str]:
+        """Move: a new task socket to ``endpoint`` for the main thread; batches of the old one are dropped.
+        Returns the tasks held (and, ``with_recent``, the results sent lately) at the very moment the
+        generation rises, so a batch is either in that list or never run. Results wait until a controller
+        welcomes this engine (``welcomed``)."""
         new = connect_dealer(self.ctx, endpoint, self.task_ident)
         with self._epoch_lock:
             old, self._swap = self._swap, None
             self._gen += 1
             self._epoch = 0
             self._swap = (new, self._gen)
+            self.moving = True
+            held = set(self._holding) - self._dropped
         if old is not None:
             old[0].close(0)
+        if with_recent:
+            held |= set(self._recent.copy())
+        return sorted(held)
 
     def welcomed(self, msg: EngineWelcome, epoch: int) -> None:
-        """A controller registered this engine (again): its epoch, settings, what to resend, what to drop."""
+        """A controller registered this engine (again): its epoch, settings, what to resend, what to drop
+        (held tasks it did not adopt: never run or reported; results of those it forgets). Results held back
+        while moving go out now."""
         with self._epoch_lock:
             self._epoch = epoch
-            self._dropped.update(msg.drop)
+            self._dropped.update(t for t in msg.drop if t in self._holding)
+            self.moving = False
+        for tid in msg.drop:
+            got = self._recent.pop(tid, None)
+            if got is not None:
+                self._recent_bytes -= sum(len(f) for f in got[1])
         self.streams.settings = StreamSettings.from_wire(msg.stream)
         self._resend.extend(msg.resend)
 
@@ -403,9 +450,10 @@ def _lookup(ns: dict[str, Any], name: str) -> Any:
         raise NameError(f"name {name!r} is not defined on this engine") from None
 
 
-def run_engine(info: ConnectionInfo, *, controller_timeout: float = 30.0, replay_window: float = 300.0) -> int:
+def run_engine(info: ConnectionInfo, *, controller_timeout: float = 30.0, replay_window: float = 300.0,
+               index: int | None = None) -> int:
     """Entry point of ``fedpar engine``."""
-    engine = Engine(info, controller_timeout=controller_timeout, replay_window=replay_window)
+    engine = Engine(info, controller_timeout=controller_timeout, replay_window=replay_window, index=index)
     signal.signal(signal.SIGTERM, lambda *_: engine.terminate())
     try:
         return engine.run()

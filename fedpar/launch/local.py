@@ -193,7 +193,8 @@ class LocalLauncher:
         start = len(self.engines)
         cf = connection_file or self.connection_file
         for i in range(n):
-            self.engines.append(self._spawn(self._base("engine", cf), f"engine-{start + i}"))
+            cmd = [*self._base("engine", cf), "--index", str(start + i)]
+            self.engines.append(self._spawn(cmd, f"engine-{start + i}"))
         return [p.pid for p in self.engines[start:]]
 
     def controller_pids(self) -> list[int]:

@@ -359,8 +359,8 @@ class EngineHello(Message):
 
     ``engine_id`` is the engine's global id once it has one (-1 for a new engine: the controller allocates
     it). ``origin`` is ``[controller id, epoch]`` of the controller it was registered with before, when it
-    comes with the tasks it holds from a controller that died (``running``). ``redirected``: it was sent
-    here by another controller's placement (accept it, do not redirect it again)."""
+    comes with the tasks it holds from a controller that died or left (``running``). ``redirected``: it was
+    sent here (a move), so placement should leave it alone for a moment."""
 
     KIND: ClassVar[str] = "engine_hello"
     uuid: str
@@ -391,12 +391,15 @@ class EngineWelcome(Message):
 
 @dataclass(frozen=True, slots=True)
 class EngineMove(Message):
-    """Tells an engine (holding no task of this controller) to register with another controller."""
+    """Tells an engine to register with another controller: an idle engine (placement), or, with
+    ``handover``, a busy one whose controller leaves: it brings the tasks it holds and the results it sent
+    lately (that controller stops before they reach their clients)."""
 
     KIND: ClassVar[str] = "engine_move"
     controller: str
     endpoint: str
     reason: str = ""
+    handover: bool = False
 
 
 @dataclass(frozen=True, slots=True)
