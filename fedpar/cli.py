@@ -37,23 +37,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _key(args: argparse.Namespace) -> bytes | None:
     """The cluster key given on stdin (``--key-stdin``, hex) or in a file (``--key-file``), else None."""
-    from fedpar.runtime import read_key_file
+    from fedpar.runtime import key_file
 
     if getattr(args, "key_stdin", False):
         return bytes.fromhex(sys.stdin.readline().strip())
-    if getattr(args, "key_file", None):
-        path = Path(args.key_file)
-        if not path.exists() and args.command == "controller":
-            from fedpar.wire.signing import new_cluster_key
-
-            try:  # the first controller of a federation makes the key (0600 from its first byte)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass
-            else:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(new_cluster_key())
-        return read_key_file(path)
+    if getattr(args, "key_file", None):  # (the first controller of a federation makes the key)
+        return key_file(Path(args.key_file).expanduser(), create=args.command == "controller")
     return None
 
 
@@ -121,9 +110,9 @@ def cmd_cluster_start(args: argparse.Namespace) -> int:
     discovery = cfg.discovery.url or (f"lmdb://{sd / 'registry'}" if k > 1 else "")
     key = None
     if discovery:
-        from fedpar.client.cluster import _cluster_key
+        from fedpar.runtime import KEY_FILE, key_file
 
-        key = _cluster_key(sd)
+        key = key_file(sd / KEY_FILE, create=True)
     launcher = LocalLauncher(cluster_id=cfg.cluster.id, connection_file=path, state_dir=sd,
                              config_file=args.config, log_dir=sd / "logs", discovery=discovery, key=key)
     infos = [launcher.wait_controller(i, wait=30) for i in [launcher.spawn_controller() for _ in range(k)]]

@@ -31,6 +31,7 @@ __all__ = [
     "ConnectionInfo",
     "check_state_dir_free",
     "connection_file_path",
+    "key_file",
     "lock_state_dir",
     "new_cluster_id",
     "read_connection_file",
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 RUNTIME_DIR_ENV = "FEDPAR_RUNTIME_DIR"
 CONNECTION_FILE_ENV = "FEDPAR_CONNECTION_FILE"
 _MIN_KEY_BYTES = 16
+KEY_FILE = "cluster.key"  # a controller's state directory keeps its cluster key there
 
 
 @dataclass(frozen=True)
@@ -405,6 +407,27 @@ def read_key_file(path: Path) -> bytes:
         raise ConfigError(f"the cluster key file {path} holds {len(key)} bytes; a key has 16 to 4096 (fedpar makes "
                           "32-byte keys)")
     return key
+
+
+def key_file(path: Path, *, create: bool = False) -> bytes:
+    """The cluster key kept in ``path`` (checked as ``read_key_file`` does). With ``create``, a new key is
+    written there first if there is none: mode 0600 from its first byte, and atomically (linked into place),
+    so processes starting together all read the one key that won."""
+    if create and not path.exists():
+        from fedpar.wire.signing import new_cluster_key
+
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(new_cluster_key())
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # (another process made it first: use that one)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return read_key_file(path)
 
 
 def remove_connection_file(path: str | Path) -> None:

@@ -30,13 +30,14 @@ from fedpar.config import Config, load_config
 from fedpar.errors import ClusterError, FedparError
 from fedpar.launch.local import LocalLauncher
 from fedpar.runtime import (
+    KEY_FILE,
     ConnectionInfo,
     connection_file_path,
+    key_file,
     new_cluster_id,
     remove_connection_file,
     write_connection_file,
 )
-from fedpar.wire.signing import KEY_BYTES, new_cluster_key
 
 
 class Cluster:
@@ -95,7 +96,7 @@ class Cluster:
         self._launcher = LocalLauncher(
             cluster_id=self.cluster_id, connection_file=self.connection_file, state_dir=self.state_dir,
             config_file=config_file, log_dir=self.log_dir, parent_pid=os.getpid(), discovery=self.discovery,
-            key=_cluster_key(self.state_dir),
+            key=key_file(self.state_dir / KEY_FILE, create=True),  # (its first controller's, if it ran before)
         )
         atexit.register(self.stop)
         try:
@@ -250,12 +251,4 @@ class Cluster:
         return f"<fedpar.Cluster {self.cluster_id} n={self.n} controllers={self.controllers} {state}>"
 
 
-def _cluster_key(state_dir: Path) -> bytes:
-    """The key of a cluster run from ``state_dir``: the one its first controller kept there, else a new one."""
-    try:
-        key = (state_dir / "cluster.key").read_bytes()
-        if len(key) == KEY_BYTES:
-            return key
-    except OSError:
-        pass
-    return new_cluster_key()
+

@@ -37,17 +37,22 @@ from fedpar.errors import ConfigError
 from fedpar.federation.discovery import Discovery, open_registry
 from fedpar.federation.membership import Fence, Tracker
 from fedpar.federation.records import ControllerEntry
-from fedpar.runtime import ConnectionInfo, lock_state_dir, remove_connection_file, write_connection_file
+from fedpar.runtime import (
+    KEY_FILE,
+    ConnectionInfo,
+    key_file,
+    lock_state_dir,
+    remove_connection_file,
+    write_connection_file,
+)
 from fedpar.store.lmdb_store import LmdbStore
 from fedpar.wire.codec import Codec
 from fedpar.wire.protocol import CHUNK_BYTES
-from fedpar.wire.signing import KEY_BYTES, new_cluster_key
 from fedpar.wire.streams import StreamSettings
 from fedpar.wire.transport import advertised, bind_router, is_loopback
 
 log = logging.getLogger(__name__)
 
-KEY_FILE = "cluster.key"
 ID_FILE = "controller.id"
 ENDPOINTS_FILE = "endpoints.json"
 STEPPED_DOWN = 4  # exit code of a controller whose registration lapsed and was taken over
@@ -68,18 +73,14 @@ def _port(endpoint: str) -> int:
 
 
 def load_or_create_key(state_dir: Path, given: bytes | None = None) -> bytes:
-    """The cluster key: ``given`` (then saved), else the one saved in ``state_dir``, else a new one."""
+    """The cluster key: ``given`` (then saved), else the one saved in ``state_dir``, else a new one (saved)."""
     path = state_dir / KEY_FILE
-    if given is None and path.exists():
-        key = path.read_bytes()
-        if len(key) != KEY_BYTES:
-            raise ConfigError(f"{path} holds {len(key)} bytes; a cluster key has {KEY_BYTES}")
-        return key
-    key = given if given is not None else new_cluster_key()
+    if given is None:
+        return key_file(path, create=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key)
-    return key
+        f.write(given)
+    return given
 
 
 def controller_identity(state_dir: Path, cluster_id: str) -> str:
@@ -220,12 +221,14 @@ def _serve(config: Config, *, cluster_id: str, state_dir: Path, key: bytes | Non
     housekeeper = Housekeeper.start(gateway, retention=config.store.retention, parent_pid=parent_pid)
     log.info("controller %s (epoch %d) serving clients at %s, engines at %s%s", controller_id, epoch,
              client_ep, engine_ep, f", federated through {config.discovery.url}" if fed else "")
+    ran = False
     try:
         gateway.run()
+        ran = True
     finally:
         housekeeper.stop()
         if actor is not None:
-            if not gateway.stepped_down:
+            if ran and not gateway.stepped_down:  # (after a crash the lease lapses: the others take over)
                 actor.ask(("deregister",), timeout=10)
             actor.stop()
         client_sock.close(0)
@@ -268,9 +271,9 @@ def _join(config: Config, store: LmdbStore, key: bytes, cluster_id: str, entry: 
     """Register in the discovery registry (raises ``RegistryUnavailable`` / ``DiscoveryError`` if it cannot)."""
     d = config.discovery
     discovery = Discovery(open_registry(d.url), cluster_id, key)
-    drop_taken_over(store, discovery, entry.cid)
     sent = time.monotonic()
     lease = discovery.register(entry, d.ttl, replace=True)
+    drop_taken_over(store, discovery, entry.cid)  # (after registering: no takeover can start from now on)
     batch = store.batch()
     batch.set_meta("registered_epoch", entry.epoch)
     store.commit(batch)
