@@ -28,10 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedpar.actors.federation import ADOPT, BACK, REFUSE
 from fedpar.control.scheduler import Task
 from fedpar.federation import placement
-from fedpar.federation.membership import View
+from fedpar.federation.membership import ADOPT, BACK, REFUSE, View
 from fedpar.federation.records import ControllerEntry
 from fedpar.wire.protocol import EngineHello, EngineMove, EngineStop, EngineWelcome, Heartbeat, Membership
 
@@ -74,6 +73,7 @@ class EngineDesk:
         self.moved_to: dict[int, str] = {}  # engines that left for another controller
         self._adopting: set[int] = set()  # engine ids with an adoption verdict pending
         self._evicting: dict[int, str] = {}  # leaving: engine id -> where it goes (told once it can be reached)
+        self._evict_reason = ""
         # Engines this controller sent elsewhere (redirected or moved) lately, counted for their new home until
         # its published count shows them (placement decides from counts published about once a second).
         self._sent: deque[tuple[float, str]] = deque()
@@ -87,16 +87,19 @@ class EngineDesk:
         hello = _Hello(ident, rid, msg, now)
         origin = msg.origin
         if msg.engine_id < 0:
-            if self.fed is None:
-                self._register(hello, None)
+            known = self.gw.registry.id_of(msg.uuid)
+            if self.fed is None or known is not None:  # (a lone controller numbers its own; a re-sent hello)
+                self._register(hello, known)
                 return
+            # (an engine asking again while its id is on the way: answer the latest hello, once)
+            self._need_ids = [h for h in self._need_ids if h.msg.uuid != msg.uuid]
             self._need_ids.append(hello)
-            if not self._asking:
-                self._asking = True
-                self.fed.allocate(len(self._need_ids), self._got_ids)
+            self._ask_ids()
             return
         if (self.fed is not None and len(origin) == 2 and isinstance(origin[0], str) and isinstance(origin[1], int)
-                and origin[0] != self.gw.cid and msg.running):
+                and msg.running and (origin[0] != self.gw.cid or self.view.takeover(origin[0], origin[1]))):
+            # (from another controller; or from an older incarnation of this one that the others took over:
+            # then its tasks are the takeover's, not this store's)
             if msg.engine_id in self._adopting:
                 return  # (asked again while the verdict is pending)
             self._adopting.add(msg.engine_id)
@@ -104,19 +107,27 @@ class EngineDesk:
             return
         self._register(hello, msg.engine_id)
 
+    def _ask_ids(self) -> None:
+        """Ask the federation actor for global ids for the engines waiting (one request at a time; one that
+        failed, the registry being unreachable, is asked again by ``check_engines``)."""
+        if self._need_ids and not self._asking and self.fed is not None:
+            self._asking = True
+            self.fed.allocate(len(self._need_ids), self._got_ids)
+
     def _got_ids(self, ids: list[int]) -> None:
         waiting, self._need_ids = self._need_ids[:len(ids)], self._need_ids[len(ids):]
         self._asking = False
         for hello, eid in zip(waiting, ids, strict=False):
             self._register(hello, eid)
-        if self._need_ids and self.fed is not None:
-            self._asking = True
-            self.fed.allocate(len(self._need_ids), self._got_ids)
+        if ids:
+            self._ask_ids()
 
     def _verdict(self, hello: _Hello, verdict: str) -> None:
         msg = hello.msg
         self._adopting.discard(msg.engine_id)
         cid, epoch = msg.origin
+        if not verdict:  # (the registry failed: the engine's hello comes again)
+            return
         if verdict == BACK:
             entry = self.view.entry(cid)
             if entry is not None:
@@ -187,6 +198,7 @@ class EngineDesk:
         return adopted  # results it sent already (to the dead controller) are sent again
 
     def check_engines(self, now: float) -> None:
+        self._ask_ids()
         self.gw.relay.expire(now)
         self.rebalance()
         for eid in self.gw.registry.expired(now):
@@ -218,10 +230,12 @@ class EngineDesk:
             self.gw._fail(task, ENGINE_LOST, f"{why} before task {task.task_id} could run", now)
 
     def shutdown_engines(self, reason: str) -> None:
+        """Stop every engine (clients are told they are gone; the store keeps them for a restart)."""
         for rec in self.gw.registry.engines():
             ident = self.gw.registry.control_identity(rec.engine_id)
             if ident is not None:
                 self.gw.send_engine(ident, EngineStop(reason))
+            self.gw._events_unregistered.append(rec.engine_id)
 
     def returned(self, eid: int, running: list[str], now: float) -> list[str]:
         """An engine registered again (after a controller restart or a reconnect). Returns the ids of the
@@ -315,6 +329,7 @@ class EngineDesk:
         for eid in [e for e in self._moving if e not in moves]:
             del self._moving[eid]
             gw.scheduler.drain(eid, False)
+            gw._events_registered.append(eid)  # (clients holding its direct tasks as "moved" send them here)
         for eid, home in moves.items():
             if self._moving.get(eid) != home:
                 self._moving[eid] = home
@@ -342,10 +357,12 @@ class EngineDesk:
             self._quiet_until = time.monotonic() + QUIET
             log.info("engine %d moves to controller %s (placement)", eid, home)
 
-    def send_everyone_away(self) -> None:
-        """This controller leaves: every engine goes to its place among the others, with what it holds
-        (told at once, or as soon as it can be reached: see ``evict_now``)."""
+    def send_everyone_away(self, reason: str = "controller leaving") -> None:
+        """This controller leaves (or steps down): every engine goes to its place among the others, with what
+        it holds and the results it sent lately (told at once, or as soon as it can be reached: see
+        ``evict_now``)."""
         gw = self.gw
+        self._evict_reason = reason
         counts = self._counts()
         counts.pop(gw.cid, None)
         for eid in gw.registry.ids():
@@ -368,7 +385,7 @@ class EngineDesk:
             if entry is None or ident is None:
                 continue
             del self._evicting[eid]
-            gw.send_engine(ident, EngineMove(entry.cid, entry.engine_endpoint, "controller leaving"))
+            gw.send_engine(ident, EngineMove(entry.cid, entry.engine_endpoint, self._evict_reason, handover=True))
             gw.engine_left(eid, home)
 
     def draining(self, eid: int) -> str | None:

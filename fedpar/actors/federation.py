@@ -27,17 +27,12 @@ import pykka
 
 from fedpar.errors import FedparError
 from fedpar.federation.discovery import Discovery
-from fedpar.federation.membership import Fence, Tracker, View
+from fedpar.federation.membership import ADOPT, BACK, REFUSE, Fence, Tracker, View
 from fedpar.federation.records import ControllerEntry
 
 log = logging.getLogger(__name__)
 
 TICK = "tick"
-
-# Verdicts on an adoption request.
-ADOPT = "adopt"  # the takeover is open: take the engine and the tasks it holds
-REFUSE = "refuse"  # the takeover closed: take the engine, it drops the tasks (clients resubmit them)
-BACK = "back"  # the old controller is registered again: the engine goes back to it
 
 
 @dataclass(frozen=True)
@@ -65,7 +60,8 @@ class Federation(pykka.ThreadingActor):
         self.engine_count = engine_count
         self._last_update = 0.0
         self._stopped = threading.Event()
-        self._last_renew = time.monotonic()
+        self._ticking = threading.Event()  # a tick is queued or running
+        self._last_renew = float("-inf")  # (renewed at the first tick: starting the gateway may have taken long)
         self._failing_since: float | None = None
         self._last_failure_log = 0.0
         self.leaving = False
@@ -82,6 +78,9 @@ class Federation(pykka.ThreadingActor):
 
     def _tick_loop(self) -> None:
         while not self._stopped.wait(self.settings.poll):
+            if self._ticking.is_set():
+                continue  # (the last tick is still running, the registry being slow: ticks do not pile up)
+            self._ticking.set()
             try:
                 self.actor_ref.tell(TICK)
             except pykka.ActorDeadError:
@@ -89,7 +88,10 @@ class Federation(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> Any:
         if message == TICK:
-            self._guard("keeping the registration alive", self._tick)
+            try:
+                self._guard("keeping the registration alive", self._tick)
+            finally:
+                self._ticking.clear()
         elif isinstance(message, tuple) and message[0] == "allocate":
             _, n, reply = message
             self._guard("allocating engine ids", lambda: self._allocate(n, reply))
@@ -97,7 +99,12 @@ class Federation(pykka.ThreadingActor):
             _, cid, epoch, reply = message
             self._guard("deciding an adoption", lambda: self._adopt(cid, epoch, reply))
         elif isinstance(message, tuple) and message[0] == "term":
-            self._term(message[1])
+            gateway = message[1]
+            try:
+                self._term(gateway)
+            except Exception:
+                log.exception("handing the work over failed; stopping without a handover")
+                self.call_soon(gateway.stop)
         elif isinstance(message, tuple) and message[0] == "deregister":
             self._guard("deregistering", self._deregister)
         return None
@@ -106,7 +113,9 @@ class Federation(pykka.ThreadingActor):
         """Run ``fn``; a registry failure is logged (rate-limited) and retried by the next tick."""
         try:
             fn()
-        except FedparError as exc:
+        except Exception as exc:  # (a failure must not end the actor: the lease would lapse for good)
+            if not isinstance(exc, FedparError):
+                log.exception("federation actor: %s failed unexpectedly", what)
             now = time.monotonic()
             if self._failing_since is None:
                 self._failing_since = now
@@ -127,8 +136,10 @@ class Federation(pykka.ThreadingActor):
         if self._leave_done is not None and mono >= self._leave_done[0]:
             gateway = self._leave_done[1]
             self._leave_done = None
-            self.discovery.close(self.entry.cid, self.entry.epoch)  # the window passed: clients resubmit now
-            self.call_soon(gateway.stop)
+            try:
+                self.discovery.close(self.entry.cid, self.entry.epoch)  # the window passed: clients resubmit now
+            finally:
+                self.call_soon(gateway.stop)  # (a close that failed is done by the survivors' trackers)
             return
         if mono - self._last_renew >= self.settings.ttl / 3 and not self.leaving:
             self._renew(mono)
@@ -197,11 +208,24 @@ class Federation(pykka.ThreadingActor):
 
     # ------------------------------------------------------------------ requests from the gateway
     def _allocate(self, n: int, reply: Callable[[list[int]], None]) -> None:
-        ids = self.discovery.allocate_ids(n)
-        self.call_soon(lambda: reply(ids))
+        """Global ids for ``n`` new engines; none when the registry fails (the gateway asks again later)."""
+        ids: list[int] = []
+        try:
+            ids = self.discovery.allocate_ids(n)
+        finally:
+            self.call_soon(lambda: reply(ids))
 
     def _adopt(self, cid: str, epoch: int, reply: Callable[[str], None]) -> None:
-        """An engine of controller ``cid`` (incarnation ``epoch``) arrived with the tasks it holds."""
+        """An engine of controller ``cid`` (incarnation ``epoch``) arrived with the tasks it holds. No
+        verdict when the registry fails: the engine asks again (its hello is re-sent until welcomed)."""
+        try:
+            verdict = self._verdict(cid, epoch)
+        except BaseException:
+            self.call_soon(lambda: reply(""))
+            raise
+        self.call_soon(lambda: reply(verdict))
+
+    def _verdict(self, cid: str, epoch: int) -> str:
         d = self.discovery
         marker = d.takeovers().get(cid)
         if marker is None or marker.epoch != epoch:
@@ -217,7 +241,7 @@ class Federation(pykka.ThreadingActor):
                     self.tracker.took_over(cid, epoch, marker, time.monotonic())
         else:
             verdict = REFUSE if marker.closed else ADOPT if d.adopt(cid, epoch) else REFUSE
-        self.call_soon(lambda: reply(verdict))
+        return verdict
 
     # ------------------------------------------------------------------ leaving
     def _term(self, gateway: Any) -> None:

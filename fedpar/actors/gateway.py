@@ -208,7 +208,11 @@ class Gateway:
             if self.waker.fileno() in ready:
                 self.waker.drain()
                 while self._inbox:
-                    self._inbox.popleft()()
+                    fn = self._inbox.popleft()
+                    try:
+                        fn()
+                    except Exception:  # (an answer from another actor must not end this loop)
+                        log.exception("controller: a deferred call failed")
             if self.engine_sock in ready:
                 self._drain(self.engine_sock, self._on_engine_message, now)
             if self.client_sock in ready:
@@ -217,7 +221,9 @@ class Gateway:
                 next_check = time.monotonic() + self.heartbeat / 2
                 self.desk.check_engines(now)
             self._finish_pass(now)
-        if self.leaving:  # (its engines go to the other controllers; none is stopped)
+        if self.stepped_down:  # taken over: its engines go to the others, which adopt what they hold
+            self.desk.send_everyone_away("controller taken over")
+        elif self.leaving:  # (its engines go to the other controllers; none is stopped)
             self.desk.evict_now()
         else:
             self.desk.shutdown_engines("controller stopping")
@@ -328,9 +334,6 @@ class Gateway:
         else:
             w.add(ident)
 
-
-
-
     # ------------------------------------------------------------------ engine messages
     def _on_engine_message(self, ident: bytes, rx: Received, now: float) -> None:
         msg = rx.msg
@@ -434,9 +437,6 @@ class Gateway:
     def _fail(self, task: Task, ename: str, evalue: str, now: float) -> None:
         res = ResultSpec(task.task_id, False, task.engine, task.assigned, now, [ename, evalue, ""], 0)
         self._finish(task, res, [])
-
-
-
 
     # ------------------------------------------------------------------ end of a pass
     def _finish_pass(self, now: float, final: bool = False) -> None:
@@ -584,5 +584,6 @@ class Gateway:
         except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer is gone
             if sock is self.client_sock:
                 self.clients.discard(ident)
+                self._told.pop(ident, None)
             log.debug("cannot send %s to %r: %s", msg.KIND, ident, exc)
             return False

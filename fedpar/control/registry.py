@@ -36,6 +36,11 @@ class EngineRegistry:
     def was_known(self, uuid: str) -> bool:
         return uuid in self._known
 
+    def id_of(self, uuid: str) -> int | None:
+        """The id of the engine ``uuid`` if it is registered here, or was before a restart."""
+        eid = self._by_uuid.get(uuid)
+        return eid if eid is not None and eid in self._records else self._known.get(uuid)
+
     def holder(self, engine_id: int) -> str | None:
         """The uuid registered under ``engine_id`` (None if none)."""
         rec = self._records.get(engine_id)

@@ -112,9 +112,12 @@ class Control:
                 if unknown and now - self.last_hello > self.heartbeat:
                     # The controller restarted (or lost us): register again and say what we still hold.
                     self.last_hello = now
-                    held = sorted(e.holding_now() | e.recent_ids())
-                    self._hello(held, [self.home.cid, self.home.epoch])
-                    log.info("engine %d registering again (holding %d task(s))", e.engine_id, len(held))
+                    if self.pending is not None:  # (moving: the hello of the move, again)
+                        self._hello(*self._pending_hello, True)
+                    else:
+                        held = sorted(e.holding_now() | e.recent_ids())
+                        self._hello(held, [self.home.cid, self.home.epoch])
+                        log.info("engine %d registering again (holding %d task(s))", e.engine_id, len(held))
                 silent = now - self.last_ack
                 if silent > SUSPECT * self.heartbeat:
                     if self.pending is None:

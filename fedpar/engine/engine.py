@@ -140,7 +140,7 @@ class Engine:
             send_parts(sock, codec.encode(hello)[0])
             welcome: EngineWelcome | None = None
             epoch = 0
-            if sock.poll(1000):
+            if sock.poll(2000):
                 try:
                     rx = codec.decode(recv_parts(sock))
                 except ProtocolError as exc:

@@ -1,8 +1,9 @@
 """Who is alive, who took over whom, and whether this controller may still act: pure state machines.
 
-* ``View``: one snapshot of the federation (live controllers, controllers known but down, takeovers). A
-  controller builds it from registry polls and pushes it to its clients and engines (``Membership``
-  messages); everyone places engines with ``View.owner`` (weighted rendezvous, ``placement``).
+* ``View``: one snapshot of the federation (live controllers with their engine counts, controllers known
+  but down, takeovers). A controller builds it from registry polls and pushes it to its clients and engines
+  (``Membership`` messages); controllers and engines place engines with ``View.place`` (weighted
+  rendezvous ranking with bounded loads, ``placement``).
 * ``Tracker``: the controller's side. Fed with each poll, it says what changed and what to do: take over
   a peer whose registration lapsed (once per incarnation), close the takeovers it opened once the adoption
   window has passed (or ones left open by a survivor that died too).
@@ -22,8 +23,12 @@ from typing import Any
 
 from fedpar.errors import MalformedMessage
 from fedpar.federation import placement
-from fedpar.federation.placement import owner as _owner
 from fedpar.federation.records import ControllerEntry, KnownController, Takeover
+
+# Verdicts on an engine arriving from another controller with the tasks it holds (``origin``).
+ADOPT = "adopt"  # the takeover is open: take the engine and the tasks it holds
+REFUSE = "refuse"  # the takeover closed: take the engine, it drops the tasks (clients resubmit them)
+BACK = "back"  # the old controller is registered again: the engine goes back to it
 
 
 @dataclass(frozen=True)
@@ -41,11 +46,6 @@ class View:
     def entry(self, cid: str) -> ControllerEntry | None:
         return self._by_cid.get(cid)
 
-    def owner(self, engine_id: int, exclude: Iterable[str] = ()) -> str | None:
-        """The live controller that should own ``engine_id`` (ignoring the controllers in ``exclude``)."""
-        skip = set(exclude)
-        return _owner(engine_id, ((e.cid, e.weight) for e in self.live if e.cid not in skip))
-
     def weights(self, exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
         skip = set(exclude)
         return [(e.cid, e.weight) for e in self.live if e.cid not in skip]
@@ -56,10 +56,6 @@ class View:
         have = {e.cid: e.engines for e in self.live}
         have.update(counts or {})
         return placement.place(engine_id, self.weights(exclude), have)
-
-    def rebalance(self, cid: str, engines: list[int]) -> dict[int, str]:
-        """Which of ``cid``'s engines to move where (``placement.rebalance``), its own count being exact."""
-        return placement.rebalance(cid, engines, self.weights(), {e.cid: e.engines for e in self.live})
 
     def takeover(self, cid: str, epoch: int) -> Takeover | None:
         """The takeover of ``cid`` at incarnation ``epoch``, if the survivors started one."""

@@ -1,7 +1,7 @@
 """Which controller owns an engine: weighted rendezvous hashing, pure and deterministic.
 
-Every process (controllers, engines, clients) computes the same answer from the same list of live
-controllers, without talking to anyone. For engine ``e`` and controller ``c`` with weight ``w``::
+Every controller ranks the controllers for an engine the same way from the same list of live controllers,
+without talking to anyone. For engine ``e`` and controller ``c`` with weight ``w``::
 
     h(e, c) = uniform in (0, 1) from BLAKE2b(e, c)        score(e, c) = -w / ln(h(e, c))
 
@@ -13,8 +13,9 @@ controller in proportion; a leaving controller's engines spread over the survivo
 Hashing alone leaves large differences when engines are few (6 engines on 3 controllers: a controller
 gets none about 9% of the time), and a controller without engines adds nothing. So placement uses the
 rendezvous *ranking* with *bounded loads*: each controller has a quota, its weighted share of the engines
-(``quotas``: largest remainders, so they add up to the total); a new engine goes to its best-ranked
-controller still under quota (``place``), and a controller over quota sheds engines to the best-ranked
+(``quotas``: largest remainders, so they add up to the total); an engine that needs a home (its
+controller died or left) goes to its best-ranked controller still under quota (``place``), and a
+controller over quota (new engines stay where they first registered) sheds engines to the best-ranked
 controllers under quota, the overloaded controllers sharing the free room in proportion to their excess
 (``rebalance``). Only over-quota controllers move engines, so balanced federations move none.
 """

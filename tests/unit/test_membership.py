@@ -28,12 +28,12 @@ def test_view_round_trips_and_rejects_bad_shapes() -> None:
             View.from_wire(bad)
 
 
-def test_view_owner_uses_live_controllers_and_exclusions() -> None:
+def test_view_place_uses_live_controllers_counts_and_exclusions() -> None:
     v = View((entry("a"), entry("b")))
-    owners = {v.owner(e) for e in range(100)}
-    assert owners == {"a", "b"}
-    assert {v.owner(e, exclude=["a"]) for e in range(100)} == {"b"}
-    assert View().owner(1) is None
+    assert v.place(1) in {"a", "b"}
+    assert {v.place(e, exclude=["a"]) for e in range(100)} == {"b"}
+    assert {v.place(e, counts={"a": 5, "b": 0}) for e in range(100)} == {"b"}  # (a is over its quota)
+    assert View().place(1) is None
 
 
 def test_tracker_reports_joins_and_lapses_and_takes_over_once() -> None:
