@@ -79,6 +79,7 @@ class Failover:
         ids = [t for t in fo.ids if t in self.io.tracks]
         fo.ids = ids
         if not ids:
+            self.pending.pop((fo.cid, fo.epoch), None)
             return
         fo.asked = fo.total = len(links)
         if not links:
@@ -101,8 +102,7 @@ class Failover:
                 tr = self.io.tracks.get(tid)
                 if tr is not None:
                     tr.cid = link.cid
-                    if tr.lb:
-                        link.lb_out += 1
+                    tr.count_on(link)
         fo.asked -= 1
         if fo.asked <= 0:
             n = fo.total
@@ -112,6 +112,7 @@ class Failover:
     def resubmit(self, fo: Orphans, ids: list[str]) -> None:
         """Tasks no live controller holds: resubmit them (a task that may have run on an engine lost with
         the controller counts that as an attempt, following its retry policy)."""
+        self.pending.pop((fo.cid, fo.epoch), None)  # (settled: a view showing the takeover again changes nothing)
         lost = {e for e in fo.engines if e not in self.io.router.owner}
         again = 0
         for tid in ids:
@@ -124,8 +125,13 @@ class Failover:
                 continue
             spec = tr.spec
             attempts = 0
-            if lost:
-                if spec.retries < 1 or spec.target is not None:
+            if spec.target is not None and spec.target in lost:
+                self.io._fail(tid, EngineError(
+                    f"controller {fo.cid} died together with engine {spec.target}, which task {tid} was sent to",
+                    task_id=tid))
+                continue
+            if lost and spec.target is None:  # (it may have been running on one of them)
+                if spec.retries < 1:
                     self.io._fail(tid, EngineError(
                         f"controller {fo.cid} died together with engine(s) {sorted(lost)}; task {tid} may have been "
                         f"running on one of them (retries={spec.retries})", task_id=tid))
@@ -156,7 +162,6 @@ class Failover:
             "stay retrievable with get_result() if it comes back")
         link.unacked.clear()
         link.expected.clear()
-        link.lb_out = 0
         for tid in ids:
             self.io._fail(tid, exc)
 
@@ -178,9 +183,18 @@ class Failover:
             if "stream" in tr.spec.spec:
                 flags["stream"] = [next(self.io.sids), tr.spec.spec["stream"][1]]
             tr.spec = tr.spec._replace(spec=flags)
-            if tr.lb:
-                link.lb_out -= 1
         self.io.router.submit(link, ids)
         waiting = list(link.expected)
         for i in range(0, len(waiting), BATCH):
             self.io._send(link, GetResults(waiting[i:i + BATCH]), [], None)
+        # Requests it had not answered died with it: ask again.
+        req = self.io.requests
+        for rid in [r for r, (_, lk) in req.gathers.items() if lk is link]:
+            gather = req.gathers.pop(rid)[0]
+            req.gathers[self.io._send(link, gather.msg, [], None)] = (gather, link)
+        for rid in [r for r, (_, lk) in req.lookups.items() if lk is link]:
+            lookup = req.lookups.pop(rid)[0]
+            req.lookups[self.io._send(link, GetResults(lookup.ids), [], None)] = (lookup, link)
+        for rid in [r for r, (_, lk) in self.locates.items() if lk is link]:
+            fo = self.locates.pop(rid)[0]
+            self.locates[self.io._send(link, GetResults(fo.ids), [], None)] = (fo, link)

@@ -134,7 +134,8 @@ class IOThread(threading.Thread):
     @property
     def last_heard(self) -> float:
         """When any controller was last heard from (monotonic)."""
-        return max((lk.last_heard for lk in self.links.values() if not lk.gone), default=0.0)
+        # (called from user threads while the I/O thread may add links: iterate a snapshot)
+        return max((lk.last_heard for lk in tuple(self.links.values()) if not lk.gone), default=0.0)
 
     def queue(self, item: Any, frames: list[Any], reply: Future[Received] | None = None) -> None:
         self.outbox.append((item, frames, reply))
@@ -151,6 +152,8 @@ class IOThread(threading.Thread):
 
     def _hello(self, link: Link) -> None:
         parts, rid = self.codec.encode(ClientHello(self.client.sender))
+        for old in [r for r, lk in self.hellos.items() if lk is link]:  # (only the latest is answered for)
+            del self.hellos[old]
         self.hellos[rid] = link
         link.last_ping = time.monotonic()
         send_parts(link.sock, parts)
@@ -180,7 +183,7 @@ class IOThread(threading.Thread):
                 del self.hellos[rid]
 
     def ready_links(self) -> list[Link]:
-        return [lk for lk in self.links.values() if lk.ready and not lk.gone]
+        return [lk for lk in tuple(self.links.values()) if lk.ready and not lk.gone]
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -219,8 +222,10 @@ class IOThread(threading.Thread):
         and the registry when no controller answers any more."""
         lost_after = self.client.lost_after
         waiting = self.client._waiting
-        if self.client.info.discovery and now - self._looked_up > REGISTRY_EVERY and not any(
-                lk.ready and now - lk.last_heard < REGISTRY_EVERY for lk in self.links.values()):
+        links = tuple(self.links.values())
+        if (self.client.info.discovery and now - self._looked_up > REGISTRY_EVERY
+                and (waiting or self.router.held or any(lk.busy for lk in links))  # (an idle client reads nothing)
+                and not any(lk.ready and now - lk.last_heard < REGISTRY_EVERY for lk in links)):
             self._looked_up = now
             threading.Thread(target=self._read_registry, name="fedpar-client-registry", daemon=True).start()
         for link in list(self.links.values()):
@@ -312,11 +317,6 @@ class IOThread(threading.Thread):
         send_parts(link.sock, parts)
         return rid
 
-    # ------------------------------------------------------------------ fan-out requests
-
-
-
-
     # ------------------------------------------------------------------ messages from controllers
     def _on_message(self, link: Link, parts: list[Any]) -> None:
         try:
@@ -373,16 +373,17 @@ class IOThread(threading.Thread):
         self.hellos.pop(msg.reply_to, None)
         epoch = rx.envelope.epoch
         first = not link.ready
+        if first:
+            other = self.by_cid.get(msg.controller)
+            if other is not None and other is not link:  # the same controller under another endpoint
+                if other.ready and not other.gone and (other.epoch is None or epoch <= other.epoch):
+                    self._drop(link)
+                    return
+                self._take_over_link(other, link)  # (restarted on other ports: what waited there comes here)
         if link.epoch is not None and link.epoch != epoch:
             self.failover.resync(link, epoch)
         link.epoch = epoch
         if first:
-            other = self.by_cid.get(msg.controller)
-            if other is not None and other is not link:  # the same controller under another endpoint
-                if other.ready and not other.gone:
-                    self._drop(link)
-                    return
-                self._drop(other)
             link.cid = msg.controller
             self.by_cid[msg.controller] = link
             link.ready = True
@@ -399,9 +400,25 @@ class IOThread(threading.Thread):
             self.requests.extend_lookups(link)
             self.router.dispatch()
 
+    def _take_over_link(self, old: Link, new: Link) -> None:
+        """``new`` reaches the controller ``old`` reached (restarted elsewhere): the tasks, results and
+        requests that waited on ``old`` move to ``new`` (resynchronised once its epoch is known)."""
+        new.epoch = old.epoch
+        new.unacked, old.unacked = old.unacked, {}
+        new.expected, old.expected = old.expected, set()
+        for tr in self.tracks.values():
+            if tr.out is old:
+                tr.count_on(new)
+        req = self.requests
+        for table in (req.gathers, req.lookups, self.failover.locates):
+            for rid, (item, lk) in list(table.items()):
+                if lk is old:
+                    table[rid] = (item, new)  # type: ignore[assignment]
+        self._drop(old)
+
     def initial_links_ready(self) -> bool:
         """True when every link made so far answered (or was dropped)."""
-        return all(lk.ready for lk in self.links.values() if not lk.gone)
+        return all(lk.ready for lk in tuple(self.links.values()) if not lk.gone)
 
     def _on_results(self, link: Link, msg: Results, rx: Received) -> None:
         if msg.capacity >= 0:
@@ -422,9 +439,9 @@ class IOThread(threading.Thread):
                 if home.unacked.pop(tid, 0) is None:  # a result acknowledges its task
                     implied.append(tid)
                 home.expected.discard(tid)
-                if tr.lb and tr.cid is not None:
-                    home.lb_out -= 1
-                    freed = True
+            if tr.out is not None:
+                tr.release()
+                freed = True
             tr.cid = link.cid
             if r.stream is None:
                 del tracks[tid]
@@ -476,8 +493,8 @@ class IOThread(threading.Thread):
             link.unacked.pop(tid, None)
             self.transfers.close_upload(tid)
             tr = self.tracks.get(tid)
-            if tr is not None and tr.lb and tr.cid == link.cid:
-                link.lb_out -= 1
+            if tr is not None:
+                tr.release()
             if ename == "EngineMoved" and tr is not None and tr.spec.target is not None:
                 eid = tr.spec.target  # its engine left for controller ``evalue``: send it there once it is in
                 tr.cid = None
@@ -506,6 +523,15 @@ class IOThread(threading.Thread):
             link = self.by_cid.get(entry.cid)
             if (link is None or link.epoch != entry.epoch) and entry.client_endpoint not in self.links:
                 self._connect(entry.client_endpoint)
+            elif link is not None and not link.ready and not link.gone:  # (live again: ready once it answers)
+                self._hello(link)
+        if view.live:  # a controller that left the registry without a takeover (a plain stop): send it nothing
+            down = {k.cid for k in view.down} - {t.cid for t in view.takeovers}
+            for cid in down:
+                link = self.by_cid.get(cid)
+                if link is not None and link.ready:
+                    link.ready = False
+                    self.router.dispatch()
         for t in view.takeovers:
             link = self.by_cid.get(t.cid)
             key = (t.cid, t.epoch)
@@ -528,8 +554,8 @@ class IOThread(threading.Thread):
             if link is not None:
                 link.unacked.pop(tid, None)
                 link.expected.discard(tid)
-                if tr.lb:
-                    link.lb_out -= 1
+        if tr is not None:
+            tr.release()
         self.client._fail_task(tid, exc)
 
     # ------------------------------------------------------------------ streams

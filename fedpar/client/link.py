@@ -21,13 +21,27 @@ class Track:
     the task can be resubmitted elsewhere if its controller dies; ``cid`` is the controller holding it
     (None while the client holds it back, waiting for capacity or for its engine's new home)."""
 
-    __slots__ = ("cid", "finished_there", "frames", "spec")
+    __slots__ = ("cid", "finished_there", "frames", "out", "spec")
 
     def __init__(self, spec: TaskSpec, frames: list[Any]):
         self.spec = spec
         self.frames = frames
         self.cid: str | None = None
         self.finished_there = False  # its result began to arrive: it is done and stored where it ran
+        self.out: Link | None = None  # the link whose ``lb_out`` counts it (load-balanced tasks only)
+
+    def count_on(self, link: Link) -> None:
+        """Count this load-balanced task as outstanding at ``link`` (and no longer where it was)."""
+        if self.spec.target is None and self.out is not link:
+            self.release()
+            link.lb_out += 1
+            self.out = link
+
+    def release(self) -> None:
+        """It no longer takes a place of its controller's capacity (finished, failed, refused, moved)."""
+        if self.out is not None:
+            self.out.lb_out -= 1
+            self.out = None
 
     @property
     def lb(self) -> bool:

@@ -98,8 +98,7 @@ class Router:
                 spec = tr.spec = self.io.transfers.offer(spec)
             tr.cid = cid
             link.unacked[tid] = None
-            if spec.target is None:
-                link.lb_out += 1
+            tr.count_on(link)
             specs.append(spec)
             if "stream" in spec.spec:  # large arguments: sent as a stream when the controller grants credit
                 self.io.transfers.open_upload(link, spec, tr.frames)
