@@ -32,7 +32,15 @@ from fedpar.control.scheduler import Task
 from fedpar.federation import placement
 from fedpar.federation.membership import ADOPT, BACK, REFUSE, View
 from fedpar.federation.records import ControllerEntry
-from fedpar.wire.protocol import EngineHello, EngineMove, EngineStop, EngineWelcome, Heartbeat, Membership
+from fedpar.wire.protocol import (
+    REGISTER_WAIT,
+    EngineHello,
+    EngineMove,
+    EngineStop,
+    EngineWelcome,
+    Heartbeat,
+    Membership,
+)
 
 if TYPE_CHECKING:
     from fedpar.actors.gateway import Gateway
@@ -67,6 +75,7 @@ class EngineDesk:
         self.fed = fed
         self.view = View()
         self._need_ids: list[_Hello] = []  # new engines waiting for global ids
+        self._spare_ids: list[int] = []  # global ids allocated for engines that went elsewhere meanwhile
         self._asking = False
         self._tokens = itertools.count(1)
         self._moving: dict[int, str] = {}  # engine id -> the controller it drains towards
@@ -94,7 +103,7 @@ class EngineDesk:
             # (an engine asking again while its id is on the way: answer the latest hello, once)
             self._need_ids = [h for h in self._need_ids if h.msg.uuid != msg.uuid]
             self._need_ids.append(hello)
-            self._ask_ids()
+            self._assign_ids(now)
             return
         if (self.fed is not None and len(origin) == 2 and isinstance(origin[0], str) and isinstance(origin[1], int)
                 and msg.running and (origin[0] != self.gw.cid or self.view.takeover(origin[0], origin[1]))):
@@ -107,20 +116,22 @@ class EngineDesk:
             return
         self._register(hello, msg.engine_id)
 
-    def _ask_ids(self) -> None:
-        """Ask the federation actor for global ids for the engines waiting (one request at a time; one that
-        failed, the registry being unreachable, is asked again by ``check_engines``)."""
+    def _assign_ids(self, now: float) -> None:
+        """Register the new engines waiting, with global ids from the federation actor (asked one request at
+        a time; one that failed, the registry being unreachable, is asked again by ``check_engines``). A
+        hello older than ``REGISTER_WAIT`` is dropped: its engine has gone on to another controller (and
+        says hello again if it comes back), so registering it here would leave a phantom engine."""
+        self._need_ids = [h for h in self._need_ids if now - h.now < REGISTER_WAIT]
+        while self._need_ids and self._spare_ids:
+            self._register(self._need_ids.pop(0), self._spare_ids.pop(0))
         if self._need_ids and not self._asking and self.fed is not None:
             self._asking = True
             self.fed.allocate(len(self._need_ids), self._got_ids)
 
     def _got_ids(self, ids: list[int]) -> None:
-        waiting, self._need_ids = self._need_ids[:len(ids)], self._need_ids[len(ids):]
         self._asking = False
-        for hello, eid in zip(waiting, ids, strict=False):
-            self._register(hello, eid)
-        if ids:
-            self._ask_ids()
+        self._spare_ids.extend(ids)  # (ids left over, their hellos gone stale, serve the next engines)
+        self._assign_ids(time.time())
 
     def _verdict(self, hello: _Hello, verdict: str) -> None:
         msg = hello.msg
@@ -198,7 +209,7 @@ class EngineDesk:
         return adopted  # results it sent already (to the dead controller) are sent again
 
     def check_engines(self, now: float) -> None:
-        self._ask_ids()
+        self._assign_ids(now)
         self.gw.relay.expire(now)
         self.rebalance()
         for eid in self.gw.registry.expired(now):

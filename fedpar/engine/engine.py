@@ -37,7 +37,7 @@ from fedpar.runtime import ConnectionInfo
 from fedpar.wire.codec import Codec
 from fedpar.wire.direct import EngineLinks
 from fedpar.wire.payload import FunctionCache, describe_exception, dumps, dumps_result, loads
-from fedpar.wire.protocol import EngineHello, EngineStop, EngineWelcome, Results, ResultSpec, Tasks
+from fedpar.wire.protocol import REGISTER_WAIT, EngineHello, EngineStop, EngineWelcome, Results, ResultSpec, Tasks
 from fedpar.wire.streams import StreamSettings, should_stream
 from fedpar.wire.transport import connect_dealer, readable, recv_parts, send_parts
 
@@ -140,7 +140,7 @@ class Engine:
             send_parts(sock, codec.encode(hello)[0])
             welcome: EngineWelcome | None = None
             epoch = 0
-            if sock.poll(2000):
+            if sock.poll(int(REGISTER_WAIT * 1000)):
                 try:
                     rx = codec.decode(recv_parts(sock))
                 except ProtocolError as exc:

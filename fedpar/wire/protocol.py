@@ -24,6 +24,9 @@ ENVELOPE_KEYS = ("v", "kind", "id", "sender", "seq", "ts", "epoch")
 
 # --------------------------------------------------------------------------- batch items
 MAX_TASK_ID_BYTES = 256
+# An engine waits this long (seconds) for a controller's EngineWelcome before trying the next one; a
+# controller does not register a new engine from a hello older than that (the engine has moved on).
+REGISTER_WAIT = 2.0
 
 
 def valid_task_id(task_id: object) -> bool:

@@ -131,3 +131,22 @@ def test_etcd_down_for_30s_under_load_fails_nothing(etcd_fed: fedpar.Cluster, et
         assert len(client.status()["controllers"]) == 3 and len(client.ids) == 6
     finally:
         client.close()
+
+
+@pytest.mark.timeout(120)
+def test_engine_started_while_etcd_is_down_registers_once_it_is_back(etcd_fed: fedpar.Cluster,
+                                                                      etcd_server: Any) -> None:
+    """A new engine needs a global id from the registry: while etcd is down its controllers cannot allocate
+    one, so it waits (trying each controller in turn) and registers, exactly once, when etcd is back."""
+    with etcd_fed.connect_client() as client:
+        with etcd_server.outage(6.0):
+            etcd_fed.add_engines(1)
+            time.sleep(3.0)
+            assert len(client.ids) == 6  # (no id without the registry)
+        client.wait_for_engines(7, timeout=30)
+        time.sleep(3.0)  # a controller that registered it too would show a phantom engine by now
+        st = client.status()
+        owned = sorted(e for c in st["controllers"] for e in c["engines"])
+        # (ids are unique, not dense: an id allocated for a hello whose engine had moved on is kept for the next)
+        assert owned == client.ids and len(owned) == 7 and owned[:6] == list(range(6)), st["controllers"]
+        assert sorted(client[:].apply_sync(os.getpid)) == sorted(etcd_fed.engine_pids)

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from fedpar.config import ClusterConfig, Config, ControllerConfig
-from fedpar.errors import ClusterError, ConnectionFileError
+from fedpar.errors import ClusterError, ConfigError, ConnectionFileError
 from fedpar.runtime import (
     CONNECTION_FILE_ENV,
     RUNTIME_DIR_ENV,
     ConnectionInfo,
     check_state_dir_free,
     connection_file_path,
+    key_file,
     lock_state_dir,
     new_cluster_id,
     read_connection_file,
@@ -384,3 +385,22 @@ def test_state_dir_lock_waits_for_a_holder_that_is_exiting(tmp_path: Path) -> No
         proc.kill()
         proc.wait(10)
     lock.close()
+
+
+def test_key_file_is_made_once_private_and_shared_by_racing_processes(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "cluster.key"
+    with pytest.raises(ConfigError, match="cannot read"):
+        key_file(path)  # (only ``create`` makes one)
+    got: list[bytes] = []
+    threads = [threading.Thread(target=lambda: got.append(key_file(path, create=True))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 8 and len(set(got)) == 1 and len(got[0]) == 32  # every racer reads the winner's key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cluster.key"]  # no temporary left
+    assert key_file(path, create=True) == got[0]  # kept, not replaced
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="other users could read it"):
+        key_file(path)
