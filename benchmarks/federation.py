@@ -49,6 +49,9 @@ REHOME_TIMEOUT_S = 60.0
 SLEEPS_PER_ENGINE = 2
 SLEEP_S = 0.5
 DISPATCH_S = 0.2  # seconds between submitting them and the kill
+#: ``federation``: engine-bound tasks per engine (each sleeping ``BUSY_SLEEP_S``) for the busy-share figure.
+BUSY_TASKS_PER_ENGINE = 200
+BUSY_SLEEP_S = 0.005
 #: ``engines_10k``: seconds between registration and the wait for an even spread that precedes the CPU window.
 SETTLE_S = 1.0
 #: ``engines_10k``: how long the engines may take to be spread evenly before the CPU window starts anyway.
@@ -256,11 +259,20 @@ def run_federation(system: System, sizes: Sizes) -> Measured:
         if weighted is not None:
             figures[f"ctrl_cpu_us_per_task_{k}c"] = weighted
         deviation = share_deviation([r["tasks"] for r in rows], [r["engines"] for r in rows])
+        # The same share when the engines, not the controllers, bound the rate (tasks that sleep): no-op shares
+        # follow how much CPU each controller gets from a 2-core host; these show how work is spread.
+        mid = system.federation_status()
+        system.sleep_burst(BUSY_TASKS_PER_ENGINE * n_engines, BUSY_SLEEP_S)
+        end = {s.pid: s for s in system.federation_status()}
+        busy = [(end[s.pid].done - s.done) if s.pid in end else 0 for s in mid]
+        busy_deviation = share_deviation(busy, [len(s.engines) for s in mid])
         if k > 1:
             figures[f"share_dev_pct_{k}c"] = deviation * 100.0
+            figures[f"share_dev_busy_pct_{k}c"] = busy_deviation * 100.0
         runs[str(k)] = {
             "controllers": k, "start_s": start_s, "balanced": balanced, "settle_s": settle_s, "seconds": dt,
             "tasks_counted": counted, "share_deviation": deviation, "per_controller": rows,
+            "busy_tasks": busy, "busy_share_deviation": busy_deviation,
             "engines_moved_during_burst": any(r["engines_after"] != r["engines"] for r in rows),
             "ctrl_cpu_us_per_task_all": per_task_us(ctrl_cpu, n_tasks),
             "ctrl_cpu_us_per_task_max": max(per_ctrl) if per_ctrl else None,

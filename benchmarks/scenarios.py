@@ -185,13 +185,16 @@ SCENARIOS: dict[str, Scenario] = {
                 *(Figure(f"tasks_per_s_{k}c", f"{k} ctrl: tasks/s", True) for k in (1, 2, 4)),
                 *(Figure(f"ctrl_cpu_us_per_task_{k}c", f"{k} ctrl: ctrl CPU µs/task", False) for k in (1, 2, 4)),
                 *(Figure(f"share_dev_pct_{k}c", f"{k} ctrl: max share deviation %", False) for k in (2, 4)),
+                *(Figure(f"share_dev_busy_pct_{k}c", f"{k} ctrl: max share deviation %, 5 ms tasks", False)
+                  for k in (2, 4)),
             ),
             lambda z: (
                 f"fedpar only (the peers have no federation). {z.federation_tasks:,} no-op tasks submitted one by "
                 f"one through the load-balanced view, then all awaited, on a cluster of {z.federation_engines} "
                 "engines and 1, 2 or 4 federated controllers (a fresh cluster each, engines spread evenly first). "
                 "Per controller: the tasks it ran (`done` deltas) against the share its engine count implies (max "
-                "deviation, % of that share) and its CPU-seconds (user+system, psutil) per task it ran; the figure "
+                "deviation, % of that share; again with 200 tasks per engine that sleep 5 ms, where the engines "
+                "bound the rate) and its CPU-seconds (user+system, psutil) per task it ran; the figure "
                 "weighs the controllers by the tasks they ran (their CPU over their tasks). On a 2-core host "
                 "aggregate throughput cannot grow with controllers (the client and the controllers share the "
                 "cores); a per-controller CPU cost per task that stays flat is what shows that it would, given the "

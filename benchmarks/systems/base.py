@@ -173,3 +173,8 @@ class System(abc.ABC):
     def submit_sleeps(self, n: int, seconds: float) -> list[Future[Any]]:
         """Submit ``n`` load-balanced tasks sleeping ``seconds`` each; their futures (not awaited)."""
         raise NotApplicable(f"{self.name} has no federation")
+
+    def sleep_burst(self, n: int, seconds: float) -> None:
+        """Run ``n`` load-balanced tasks sleeping ``seconds`` each and wait for them all."""
+        for f in self.submit_sleeps(n, seconds):
+            f.result(timeout=WAIT_TIMEOUT)

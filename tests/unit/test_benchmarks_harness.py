@@ -616,6 +616,9 @@ class FakeFederation(FakeSystem):
         self.pending = [Future() for _ in range(n)]
         return list(self.pending)
 
+    def sleep_burst(self, n: int, seconds: float) -> None:
+        self.apply_burst(n)
+
 
 @pytest.fixture
 def fast_federation(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
@@ -637,6 +640,7 @@ def test_federation_runner_on_a_fake(fast_federation: None) -> None:
         "federation 1 4", "federation 2 4", "federation 4 4"]
     assert {f.key for f in SCENARIOS["federation"].figures} == set(figures)
     assert figures["share_dev_pct_2c"] == 0.0 and figures["share_dev_pct_4c"] == 0.0
+    assert figures["share_dev_busy_pct_2c"] == 0.0 and figures["share_dev_busy_pct_4c"] == 0.0
     assert all(figures[f"tasks_per_s_{k}c"] > 0 and figures[f"ctrl_cpu_us_per_task_{k}c"] > 0 for k in (1, 2, 4))
     run4 = extra["runs"]["4"]
     assert run4["balanced"] and run4["tasks_counted"] == 1000
